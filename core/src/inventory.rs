@@ -153,7 +153,9 @@ pub struct NodeInventory {
 pub enum InventoryError {
     #[error("inventory is not valid JSON for this format: {0}")]
     Json(String),
-    #[error("inventory version {found} is not supported: this build reads version {INVENTORY_VERSION}")]
+    #[error(
+        "inventory version {found} is not supported: this build reads version {INVENTORY_VERSION}"
+    )]
     Version { found: u32 },
     #[error("inventory has {0} cards; at most {MAX_CARDS} are supported")]
     TooManyCards(usize),
@@ -383,6 +385,33 @@ impl NodeInventory {
     }
 }
 
+/// Parse a link matrix written like `nvidia-smi topo -m` (one row per line, tokens separated by
+/// whitespace; a leading `GPUn` row label and a header line of `GPUn` names are allowed).
+pub fn parse_matrix(text: &str) -> Result<Vec<Vec<Link>>, InventoryError> {
+    let mut rows = Vec::new();
+    for (lineno, line) in text.lines().enumerate() {
+        let toks: Vec<&str> = line.split_whitespace().collect();
+        if toks.is_empty()
+            || toks
+                .iter()
+                .all(|t| t.to_ascii_uppercase().starts_with("GPU"))
+        {
+            continue;
+        }
+        let toks = match toks.first() {
+            Some(t) if t.to_ascii_uppercase().starts_with("GPU") => &toks[1..],
+            _ => &toks[..],
+        };
+        let row = toks
+            .iter()
+            .map(|t| t.parse::<Link>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| InventoryError::Links(format!("line {}: {e}", lineno + 1)))?;
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
 /// A label-safe form of a model name: `NVIDIA A100-SXM4-40GB` → `NVIDIA-A100-SXM4-40GB`.
 /// At most 63 characters of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
 pub fn model_label_value(model: &str) -> String {
@@ -465,7 +494,14 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error() {
-        for s in ["", "null", "[]", "{", "{\"version\":1}", "{\"version\":\"1\"}"] {
+        for s in [
+            "",
+            "null",
+            "[]",
+            "{",
+            "{\"version\":1}",
+            "{\"version\":\"1\"}",
+        ] {
             assert!(NodeInventory::from_json(s).is_err(), "{s}");
         }
     }
@@ -506,7 +542,11 @@ mod tests {
         assert_eq!("soc".parse::<Link>(), Ok(Link::Node));
         assert_eq!("SYS".parse::<Link>(), Ok(Link::Sys));
         assert!("NV0".parse::<Link>().is_err());
-        assert!("PCI".parse::<Link>().unwrap_err().to_string().contains("PIX"));
+        assert!("PCI"
+            .parse::<Link>()
+            .unwrap_err()
+            .to_string()
+            .contains("PIX"));
     }
 
     #[test]
@@ -526,10 +566,30 @@ mod tests {
     }
 
     #[test]
+    fn matrices_parse_with_or_without_labels() {
+        let m = parse_matrix("      GPU0 GPU1\nGPU0  X    NV4\nGPU1  NV4  X\n").unwrap();
+        assert_eq!(
+            m,
+            vec![
+                vec![Link::SelfLink, Link::NvLink(4)],
+                vec![Link::NvLink(4), Link::SelfLink]
+            ]
+        );
+        let e = parse_matrix("X PIX\nPIX Y").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("\"Y\""), "{e}");
+    }
+
+    #[test]
     fn model_labels_are_label_safe() {
-        assert_eq!(model_label_value("NVIDIA A100-SXM4-40GB"), "NVIDIA-A100-SXM4-40GB");
+        assert_eq!(
+            model_label_value("NVIDIA A100-SXM4-40GB"),
+            "NVIDIA-A100-SXM4-40GB"
+        );
         assert_eq!(model_label_value("  Tesla T4 "), "Tesla-T4");
-        assert_eq!(model_label_value("NVIDIA H100 80GB HBM3"), "NVIDIA-H100-80GB-HBM3");
+        assert_eq!(
+            model_label_value("NVIDIA H100 80GB HBM3"),
+            "NVIDIA-H100-80GB-HBM3"
+        );
         assert_eq!(model_label_value(&"x".repeat(100)).len(), 63);
     }
 
