@@ -13,6 +13,7 @@
 //! * [`placement`]: the placement policies (`binpack`, `spread`, `topology`) and node choice.
 
 pub mod annotations;
+pub mod health;
 pub mod inventory;
 pub mod ledger;
 pub mod placement;
@@ -23,6 +24,7 @@ pub mod topology;
 
 pub use inventory::{Card, Link, NodeInventory};
 
-
+pub use ledger::{Assignment, CardCharge, Charge, NodeLedger};
+pub use placement::{Placement, Policy};
 pub use request::{GpuRequest, PodGpuRequest};
 pub use resources::ResourceNames;

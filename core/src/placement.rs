@@ -1,1 +1,920 @@
-//! TODO
+//! Placement policies: pure functions over (inventory, ledger, request) that choose cards and
+//! score a node. The extender, the device plugin's standalone mode and the simulator all call
+//! these, so a pod is placed the same way everywhere.
+//!
+//! | policy | share of a card | whole cards | node preference |
+//! |---|---|---|---|
+//! | `binpack` | best fit: fewest free cores, then fewest free blocks | fully free cards, fewest blocks first (gpu-admission) | most used node first (gpu-admission) |
+//! | `spread` | worst fit: most free cores, then most free blocks | fully free cards by index | least used node first |
+//! | `topology` | best fit | 1 card: TKEStack `fragment`; N ≥ 2: TKEStack `link`, over NVLink/PCIe/NUMA domains | tightest multi-card set, then most used node |
+//!
+//! Every tie is broken by the lowest card index, then (between nodes) the lowest node name, so
+//! placement is deterministic.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::annotations::CardFilter;
+use crate::inventory::NodeInventory;
+use crate::ledger::{pod_assignment, Assignment, CardState, Charge, LedgerError, NodeLedger};
+use crate::request::{ContainerGpu, GpuRequest, PodGpuRequest, Slot};
+use crate::resources::CORES_PER_CARD;
+use crate::topology::{self, Topology};
+
+/// A placement policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Policy {
+    Binpack,
+    Spread,
+    Topology,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 3] = [Policy::Binpack, Policy::Spread, Policy::Topology];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Binpack => "binpack",
+            Policy::Spread => "spread",
+            Policy::Topology => "topology",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown policy name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown placement policy {0:?}: use binpack, spread or topology")]
+pub struct PolicyParseError(pub String);
+
+impl FromStr for Policy {
+    type Err = PolicyParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "binpack" => Ok(Policy::Binpack),
+            "spread" => Ok(Policy::Spread),
+            "topology" => Ok(Policy::Topology),
+            _ => Err(PolicyParseError(s.to_string())),
+        }
+    }
+}
+
+/// What the placement needs to know about one node.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeView<'a> {
+    pub name: &'a str,
+    pub inventory: &'a NodeInventory,
+    pub topology: &'a Topology,
+    pub ledger: &'a NodeLedger,
+}
+
+/// The chosen cards of every GPU container and the node's score (higher is better; only
+/// comparable between nodes under the same policy and pod).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub cards: BTreeMap<Slot, Vec<u32>>,
+    pub assignment: Assignment,
+    pub score: i64,
+}
+
+/// Why a pod does not fit a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unfit {
+    /// The node has no cards.
+    NoGpu,
+    /// None of the node's cards is allowed by the pod's model / UUID constraints.
+    NoAllowedCard { wanted: String, node_has: String },
+    /// A container asks for more than any allowed card, or more cards than the node allows it.
+    TooLarge { container: String, detail: String },
+    /// The capacity exists but is in use (or unhealthy) right now.
+    Shortfall { container: String, detail: String },
+}
+
+impl Unfit {
+    /// True when preemption cannot help (the scheduler's `FailedAndUnresolvableNodes`).
+    pub fn unresolvable(&self) -> bool {
+        !matches!(self, Unfit::Shortfall { .. })
+    }
+}
+
+impl fmt::Display for Unfit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unfit::NoGpu => f.write_str("node has no GPU cards"),
+            Unfit::NoAllowedCard { wanted, node_has } => {
+                write!(f, "no card allowed by {wanted}; node has {node_has}")
+            }
+            Unfit::TooLarge { container, detail } | Unfit::Shortfall { container, detail } => {
+                write!(f, "container {container:?}: {detail}")
+            }
+        }
+    }
+}
+
+/// Card eligibility for one pod on one node: allowed by the filter and healthy.
+fn eligible_mask(inv: &NodeInventory, filter: &CardFilter) -> (u64, u64) {
+    let mut allowed = 0u64;
+    let mut healthy = 0u64;
+    for c in inv.cards.iter().take(64) {
+        if filter.allows(c) {
+            allowed |= 1 << c.index;
+            if c.healthy {
+                healthy |= 1 << c.index;
+            }
+        }
+    }
+    (allowed, healthy)
+}
+
+fn describe_filter(filter: &CardFilter) -> String {
+    let mut parts = Vec::new();
+    if !filter.models.is_empty() {
+        parts.push(format!("gpu-models={}", filter.models.entries().join(",")));
+    }
+    if !filter.include_uuids.is_empty() {
+        parts.push(format!(
+            "gpu-uuid-include={}",
+            filter.include_uuids.join(",")
+        ));
+    }
+    if !filter.exclude_uuids.is_empty() {
+        parts.push(format!(
+            "gpu-uuid-exclude={}",
+            filter.exclude_uuids.join(",")
+        ));
+    }
+    parts.join(" and ")
+}
+
+/// Choose cards for every GPU container of `pod` on one node.
+pub fn place(
+    policy: Policy,
+    node: &NodeView<'_>,
+    pod: &PodGpuRequest,
+    filter: &CardFilter,
+) -> Result<Placement, Unfit> {
+    let inv = node.inventory;
+    if inv.is_empty() {
+        return Err(Unfit::NoGpu);
+    }
+    let (allowed, healthy) = eligible_mask(inv, filter);
+    if allowed == 0 {
+        let models = inv.models().join(", ");
+        return Err(Unfit::NoAllowedCard {
+            wanted: describe_filter(filter),
+            node_has: if models.is_empty() {
+                "no cards".into()
+            } else {
+                models
+            },
+        });
+    }
+    let mut scratch = node.ledger.clone();
+    let mut cards: BTreeMap<Slot, Vec<u32>> = BTreeMap::new();
+    let mut multi_level = 0u32;
+    // Long-running containers (sidecars, then app containers) add up.
+    for c in pod.containers.iter().filter(|c| c.long_running()) {
+        let chosen = choose(policy, node.topology, &scratch, healthy, c.request)
+            .ok_or_else(|| explain(inv, &scratch, allowed, healthy, c))?;
+        if chosen.len() > 1 {
+            multi_level = multi_level.max(node.topology.span_level(mask_of(&chosen)));
+        }
+        let a = Assignment::new(
+            crate::ledger::container_charges(c.slot, &c.request, &chosen)
+                .map_err(|e| internal(c, e))?,
+        )
+        .map_err(|e| internal(c, e))?;
+        scratch.allocate(&a).map_err(|e| internal(c, e))?;
+        cards.insert(c.slot, chosen);
+    }
+    // Regular init containers run one at a time before the others: a card must hold the larger
+    // of the init container's charge and what the pod's long-running containers put there. Try
+    // the cards the pod already uses first, so the kubelet can hand the init container's devices
+    // on to the app containers.
+    let steady = scratch.clone();
+    let pod_cards: Vec<u32> = {
+        let mut v: Vec<u32> = cards.values().flatten().copied().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    for c in pod.containers.iter().filter(|c| !c.long_running()) {
+        let chosen = choose_init(policy, node, &steady, healthy, c, &pod_cards)
+            .ok_or_else(|| explain(inv, &steady, allowed, healthy, c))?;
+        cards.insert(c.slot, chosen);
+    }
+    let assignment = pod_assignment(pod, &cards).map_err(|e| Unfit::Shortfall {
+        container: String::new(),
+        detail: e.to_string(),
+    })?;
+    node.ledger
+        .check(&assignment)
+        .map_err(|e| Unfit::Shortfall {
+            container: String::new(),
+            detail: e.to_string(),
+        })?;
+    let score = node_score(policy, node.ledger, multi_level);
+    Ok(Placement {
+        cards,
+        assignment,
+        score,
+    })
+}
+
+fn internal(c: &ContainerGpu, e: LedgerError) -> Unfit {
+    Unfit::Shortfall {
+        container: c.name.clone(),
+        detail: e.to_string(),
+    }
+}
+
+fn mask_of(cards: &[u32]) -> u64 {
+    cards.iter().fold(0, |m, c| m | (1u64 << c))
+}
+
+/// Pick cards for one container on `ledger` among `eligible` cards.
+pub fn choose(
+    policy: Policy,
+    topo: &Topology,
+    ledger: &NodeLedger,
+    eligible: u64,
+    request: GpuRequest,
+) -> Option<Vec<u32>> {
+    match request {
+        GpuRequest::Share { cores, blocks } => {
+            share_pick(policy, ledger, cores, blocks, eligible).map(|c| vec![c])
+        }
+        GpuRequest::Whole { cards: n } => {
+            let free = ledger.free_mask() & eligible;
+            if free.count_ones() < n {
+                return None;
+            }
+            match policy {
+                Policy::Binpack => {
+                    // gpu-admission: fully free cards ordered by (free blocks, index).
+                    let mut v: Vec<u32> = topology::bits(free).collect();
+                    v.sort_by_key(|&i| (ledger.cards()[i as usize].free_blocks, i));
+                    v.truncate(n as usize);
+                    v.sort_unstable();
+                    Some(v)
+                }
+                Policy::Spread => topology::lowest_bits(free, n),
+                Policy::Topology if n == 1 => topology::fragment(topo, free, 1),
+                Policy::Topology => topology::link(topo, free, n),
+            }
+        }
+    }
+}
+
+/// The card a share goes to: best fit (binpack, topology) or worst fit (spread).
+pub fn share_pick(
+    policy: Policy,
+    ledger: &NodeLedger,
+    cores: u32,
+    blocks: u32,
+    eligible: u64,
+) -> Option<u32> {
+    let fitting = ledger
+        .cards()
+        .iter()
+        .enumerate()
+        .take(64)
+        .filter(|(i, s)| {
+            eligible & (1u64 << i) != 0 && s.free_cores >= cores && s.free_blocks >= blocks
+        })
+        .map(|(i, s)| (i as u32, s));
+    match policy {
+        Policy::Spread => fitting
+            .min_by_key(|(i, s)| (Reverse(s.free_cores), Reverse(s.free_blocks), *i))
+            .map(|(i, _)| i),
+        Policy::Binpack | Policy::Topology => fitting
+            .min_by_key(|(i, s)| (s.free_cores, s.free_blocks, *i))
+            .map(|(i, _)| i),
+    }
+}
+
+fn choose_init(
+    policy: Policy,
+    node: &NodeView<'_>,
+    steady: &NodeLedger,
+    healthy: u64,
+    c: &ContainerGpu,
+    pod_cards: &[u32],
+) -> Option<Vec<u32>> {
+    let base = node.ledger;
+    // A card the pod already uses can take the init container if, without this pod, it has
+    // room for the larger of the init container's charge and the pod's charge there.
+    let fits_on = |p: u32| -> bool {
+        let (b, s) = (base.cards()[p as usize], steady.cards()[p as usize]);
+        let used = Charge::Share {
+            cores: b.free_cores - s.free_cores,
+            blocks: b.free_blocks - s.free_blocks,
+        };
+        let combined = match c.request {
+            GpuRequest::Share { cores, blocks } => used.peak(Charge::Share { cores, blocks }),
+            GpuRequest::Whole { .. } => Charge::Whole,
+        };
+        match combined {
+            Charge::Whole => b.is_free(),
+            Charge::Share { cores, blocks } => b.free_cores >= cores && b.free_blocks >= blocks,
+        }
+    };
+    let reuse: Vec<u32> = pod_cards
+        .iter()
+        .copied()
+        .filter(|&p| healthy & (1u64 << p) != 0 && fits_on(p))
+        .collect();
+    let n = c.request.cards() as usize;
+    if reuse.len() >= n {
+        return Some(reuse[..n].to_vec());
+    }
+    // Otherwise any card with room in the steady state, as for a long-running container.
+    choose(policy, node.topology, steady, healthy, c.request)
+}
+
+/// Explain why `c` does not fit, naming the shortfall.
+fn explain(
+    inv: &NodeInventory,
+    ledger: &NodeLedger,
+    allowed: u64,
+    healthy: u64,
+    c: &ContainerGpu,
+) -> Unfit {
+    let container = c.name.clone();
+    let cards: Vec<(u32, &CardState)> = ledger
+        .cards()
+        .iter()
+        .enumerate()
+        .take(64)
+        .filter(|(i, _)| allowed & (1u64 << i) != 0)
+        .map(|(i, s)| (i as u32, s))
+        .collect();
+    let unhealthy: Vec<u32> = cards
+        .iter()
+        .map(|(i, _)| *i)
+        .filter(|i| healthy & (1u64 << i) == 0)
+        .collect();
+    let sick = if unhealthy.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (unhealthy: card{} {})",
+            if unhealthy.len() > 1 { "s" } else { "" },
+            unhealthy
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    match c.request {
+        GpuRequest::Share { cores, blocks } => {
+            let largest = cards
+                .iter()
+                .map(|(i, _)| inv.cards[*i as usize].blocks())
+                .max()
+                .unwrap_or(0);
+            if blocks > largest {
+                return Unfit::TooLarge {
+                    container,
+                    detail: format!(
+                        "{blocks} memory blocks requested but the largest allowed card has {largest}"
+                    ),
+                };
+            }
+            // The closest healthy card: enough memory but too few cores, else enough cores but
+            // too little memory, else the one with the most free cores.
+            let healthy_cards: Vec<(u32, &CardState)> = cards
+                .iter()
+                .filter(|(i, _)| healthy & (1u64 << i) != 0)
+                .map(|(i, s)| (*i, *s))
+                .collect();
+            let most = |pred: &dyn Fn(&CardState) -> bool, key: &dyn Fn(&CardState) -> u32| {
+                healthy_cards
+                    .iter()
+                    .filter(|(_, s)| pred(s))
+                    .max_by_key(|(i, s)| (key(s), Reverse(*i)))
+                    .copied()
+            };
+            let detail = if let Some((i, s)) = most(&|s| s.free_blocks >= blocks, &|s| s.free_cores)
+            {
+                format!(
+                    "card {i}: {} vcuda-core free, {cores} requested{sick}",
+                    s.free_cores
+                )
+            } else if let Some((i, s)) = most(&|s| s.free_cores >= cores, &|s| s.free_blocks) {
+                format!(
+                    "card {i}: {} memory blocks free, {blocks} requested{sick}",
+                    s.free_blocks
+                )
+            } else if let Some((i, s)) = most(&|_| true, &|s| s.free_cores) {
+                format!(
+                    "card {i}: {} vcuda-core and {} memory blocks free, {cores} and {blocks} requested{sick}",
+                    s.free_cores, s.free_blocks
+                )
+            } else {
+                format!("no healthy card{sick}")
+            };
+            Unfit::Shortfall { container, detail }
+        }
+        GpuRequest::Whole { cards: n } => {
+            if n as usize > cards.len() {
+                return Unfit::TooLarge {
+                    container,
+                    detail: format!(
+                        "{n} whole cards requested but the node has {} allowed card{}",
+                        cards.len(),
+                        if cards.len() == 1 { "" } else { "s" }
+                    ),
+                };
+            }
+            let free: Vec<String> = cards
+                .iter()
+                .filter(|(i, s)| s.is_free() && healthy & (1u64 << i) != 0)
+                .map(|(i, _)| i.to_string())
+                .collect();
+            let list = if free.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (card{} {})",
+                    if free.len() > 1 { "s" } else { "" },
+                    free.join(",")
+                )
+            };
+            Unfit::Shortfall {
+                container,
+                detail: format!(
+                    "{n} whole card{} requested, {} completely free{list}{sick}",
+                    if n == 1 { "" } else { "s" },
+                    free.len()
+                ),
+            }
+        }
+    }
+}
+
+/// The node's score under `policy`, from its state before the pod (higher is better).
+/// `multi_level` is the domain level of the pod's widest multi-card container (0 if none).
+pub fn node_score(policy: Policy, ledger: &NodeLedger, multi_level: u32) -> i64 {
+    // Free cores fit in 13 bits per card × 64 cards < 2^13; blocks < 2^24 per node.
+    let fill = (ledger.free_cores() as i64) << 24 | (ledger.free_blocks() as i64 & 0xff_ffff);
+    match policy {
+        Policy::Binpack => -fill,
+        Policy::Spread => fill,
+        Policy::Topology => -((i64::from(multi_level)) << 40) - fill,
+    }
+}
+
+/// Map raw scores to the extender's 0–10 range: the best node gets 10, the worst 0, linearly in
+/// between (all 10 when they are equal).
+pub fn normalize_scores(scores: &[i64]) -> Vec<u8> {
+    let (Some(&min), Some(&max)) = (scores.iter().min(), scores.iter().max()) else {
+        return Vec::new();
+    };
+    if min == max {
+        return vec![10; scores.len()];
+    }
+    let span = (max as i128) - (min as i128);
+    scores
+        .iter()
+        .map(|&s| ((((s as i128) - (min as i128)) * 10 + span / 2) / span) as u8)
+        .collect()
+}
+
+/// The result of choosing among nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeChoice {
+    /// Position of the chosen node in the input.
+    pub node: usize,
+    pub placement: Placement,
+}
+
+/// Place the pod on the best node: the highest score, ties broken by the lowest node name.
+/// Returns the choice (if any) and the reason for every node that does not fit.
+pub fn choose_node(
+    policy: Policy,
+    nodes: &[NodeView<'_>],
+    pod: &PodGpuRequest,
+    filter: &CardFilter,
+) -> (Option<NodeChoice>, Vec<(usize, Unfit)>) {
+    let mut best: Option<NodeChoice> = None;
+    let mut unfit = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        match place(policy, n, pod, filter) {
+            Ok(p) => {
+                let better = match &best {
+                    None => true,
+                    Some(b) => {
+                        (p.score, Reverse(n.name))
+                            > (b.placement.score, Reverse(nodes[b.node].name))
+                    }
+                };
+                if better {
+                    best = Some(NodeChoice {
+                        node: i,
+                        placement: p,
+                    });
+                }
+            }
+            Err(e) => unfit.push((i, e)),
+        }
+    }
+    (best, unfit)
+}
+
+/// Sum of vcuda-core a ledger has handed out.
+pub fn used_cores(ledger: &NodeLedger) -> u64 {
+    ledger.len() as u64 * u64::from(CORES_PER_CARD) - ledger.free_cores()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations::ModelFilter;
+    use crate::inventory::Link;
+    use proptest::prelude::*;
+
+    struct Fixture {
+        inv: NodeInventory,
+        topo: Topology,
+        ledger: NodeLedger,
+    }
+
+    impl Fixture {
+        fn new(inv: NodeInventory) -> Self {
+            let topo = Topology::new(&inv);
+            let ledger = NodeLedger::new(&inv);
+            Self { inv, topo, ledger }
+        }
+        fn view(&self) -> NodeView<'_> {
+            NodeView {
+                name: "n",
+                inventory: &self.inv,
+                topology: &self.topo,
+                ledger: &self.ledger,
+            }
+        }
+        fn place(&self, policy: Policy, reqs: &[GpuRequest]) -> Result<Placement, Unfit> {
+            let pod = PodGpuRequest::from_app_requests(reqs.iter().copied().map(Some));
+            place(policy, &self.view(), &pod, &CardFilter::default())
+        }
+    }
+
+    fn h100() -> NodeInventory {
+        let mut inv = NodeInventory::uniform(8, "NVIDIA H100 80GB HBM3", 81559, Link::NvLink(18));
+        for c in &mut inv.cards {
+            c.numa_node = Some(c.index / 4);
+        }
+        inv
+    }
+
+    fn share(cores: u32, blocks: u32) -> GpuRequest {
+        GpuRequest::Share { cores, blocks }
+    }
+
+    #[test]
+    fn policy_names_parse_and_unknown_ones_list_the_choices() {
+        assert_eq!("Binpack".parse(), Ok(Policy::Binpack));
+        assert_eq!(" topology ".parse(), Ok(Policy::Topology));
+        let e = "fastest".parse::<Policy>().unwrap_err().to_string();
+        assert!(e.contains("binpack, spread or topology"), "{e}");
+    }
+
+    #[test]
+    fn spread_puts_a_share_on_the_emptiest_card() {
+        let mut f = Fixture::new(NodeInventory::uniform(3, "T4", 4096, Link::Phb));
+        f.ledger.allocate(&Assignment::share(0, 50, 1)).unwrap();
+        f.ledger.allocate(&Assignment::share(2, 10, 1)).unwrap();
+        let p = f.place(Policy::Spread, &[share(20, 1)]).unwrap();
+        assert_eq!(p.cards[&Slot::App(0)], vec![1]);
+        let p = f.place(Policy::Binpack, &[share(20, 1)]).unwrap();
+        assert_eq!(p.cards[&Slot::App(0)], vec![0]);
+    }
+
+    #[test]
+    fn spread_prefers_the_emptiest_node_and_binpack_the_fullest() {
+        let mut a = Fixture::new(NodeInventory::uniform(2, "T4", 4096, Link::Phb));
+        let b = Fixture::new(NodeInventory::uniform(2, "T4", 4096, Link::Phb));
+        a.ledger.allocate(&Assignment::share(0, 50, 1)).unwrap();
+        let views = [
+            NodeView {
+                name: "a",
+                ..a.view()
+            },
+            NodeView {
+                name: "b",
+                ..b.view()
+            },
+        ];
+        let pod = PodGpuRequest::from_app_requests([Some(share(10, 1))]);
+        let pick = |p| {
+            choose_node(p, &views, &pod, &CardFilter::default())
+                .0
+                .unwrap()
+                .node
+        };
+        assert_eq!(pick(Policy::Spread), 1);
+        assert_eq!(pick(Policy::Binpack), 0);
+    }
+
+    #[test]
+    fn equal_nodes_tie_break_on_the_lowest_name() {
+        let a = Fixture::new(NodeInventory::uniform(2, "T4", 4096, Link::Phb));
+        let views = [
+            NodeView {
+                name: "zeta",
+                ..a.view()
+            },
+            NodeView {
+                name: "alpha",
+                ..a.view()
+            },
+        ];
+        let pod = PodGpuRequest::from_app_requests([Some(share(10, 1))]);
+        for p in Policy::ALL {
+            let c = choose_node(p, &views, &pod, &CardFilter::default())
+                .0
+                .unwrap();
+            assert_eq!(c.node, 1, "{p}");
+        }
+    }
+
+    #[test]
+    fn topology_keeps_a_card_pair_on_one_numa_node() {
+        let mut f = Fixture::new(h100());
+        f.ledger.allocate(&Assignment::whole(&[0, 1, 2])).unwrap();
+        f.ledger.allocate(&Assignment::whole(&[6, 7])).unwrap();
+        // Free: 3 (NUMA 0), 4 and 5 (NUMA 1).
+        let p = f
+            .place(Policy::Topology, &[GpuRequest::Whole { cards: 2 }])
+            .unwrap();
+        assert_eq!(p.cards[&Slot::App(0)], vec![4, 5]);
+        // binpack ignores topology and takes the lowest free indices.
+        let p = f
+            .place(Policy::Binpack, &[GpuRequest::Whole { cards: 2 }])
+            .unwrap();
+        assert_eq!(p.cards[&Slot::App(0)], vec![3, 4]);
+    }
+
+    #[test]
+    fn topology_prefers_nvlinked_pairs_over_pcie() {
+        let rows = "X NV12 SYS SYS\nNV12 X SYS SYS\nSYS SYS X NV2\nSYS SYS NV2 X";
+        let mut inv = NodeInventory::uniform(4, "A100", 40960, Link::Sys);
+        inv.links = crate::inventory::parse_matrix(rows).unwrap();
+        let mut f = Fixture::new(inv);
+        f.ledger.allocate(&Assignment::whole(&[0])).unwrap();
+        // Card 1 is alone on its NVLink pair; 2-3 are NVLinked.
+        let p = f
+            .place(Policy::Topology, &[GpuRequest::Whole { cards: 2 }])
+            .unwrap();
+        assert_eq!(p.cards[&Slot::App(0)], vec![2, 3]);
+        // One card goes where it breaks no pair: card 1.
+        let p = f
+            .place(Policy::Topology, &[GpuRequest::Whole { cards: 1 }])
+            .unwrap();
+        assert_eq!(p.cards[&Slot::App(0)], vec![1]);
+    }
+
+    #[test]
+    fn shortfall_names_the_card_the_free_and_the_requested() {
+        let mut f = Fixture::new(NodeInventory::uniform(4, "T4", 4096, Link::Phb));
+        for c in 0..3 {
+            f.ledger.allocate(&Assignment::whole(&[c])).unwrap();
+        }
+        f.ledger.allocate(&Assignment::share(3, 60, 1)).unwrap();
+        let e = f.place(Policy::Binpack, &[share(60, 1)]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "container \"c0\": card 3: 40 vcuda-core free, 60 requested"
+        );
+        assert!(!e.unresolvable());
+        let e = f
+            .place(Policy::Binpack, &[GpuRequest::Whole { cards: 2 }])
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "container \"c0\": 2 whole cards requested, 0 completely free"
+        );
+    }
+
+    #[test]
+    fn requests_larger_than_the_node_are_unresolvable() {
+        let f = Fixture::new(NodeInventory::uniform(2, "T4", 4096, Link::Phb));
+        let e = f.place(Policy::Binpack, &[share(10, 17)]).unwrap_err();
+        assert!(e.unresolvable());
+        assert!(e
+            .to_string()
+            .contains("17 memory blocks requested but the largest allowed card has 16"));
+        let e = f
+            .place(Policy::Binpack, &[GpuRequest::Whole { cards: 3 }])
+            .unwrap_err();
+        assert!(e.unresolvable());
+        assert!(
+            e.to_string().contains("the node has 2 allowed cards"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn model_and_uuid_constraints_are_hard() {
+        let mut inv = NodeInventory::uniform(2, "Tesla T4", 4096, Link::Phb);
+        inv.cards[1].model = "NVIDIA A100-SXM4-40GB".into();
+        let f = Fixture::new(inv);
+        let pod = PodGpuRequest::from_app_requests([Some(share(10, 1))]);
+        let only_a100 = CardFilter {
+            models: ModelFilter::new(["A100"]),
+            ..Default::default()
+        };
+        let p = place(Policy::Binpack, &f.view(), &pod, &only_a100).unwrap();
+        assert_eq!(p.cards[&Slot::App(0)], vec![1]);
+        let h100 = CardFilter {
+            models: ModelFilter::new(["H100"]),
+            ..Default::default()
+        };
+        let e = place(Policy::Binpack, &f.view(), &pod, &h100).unwrap_err();
+        assert!(e.unresolvable());
+        assert_eq!(
+            e.to_string(),
+            "no card allowed by gpu-models=H100; node has Tesla T4, NVIDIA A100-SXM4-40GB"
+        );
+        let not_first = CardFilter {
+            exclude_uuids: vec![f.inv.cards[0].uuid.clone()],
+            ..Default::default()
+        };
+        let p = place(Policy::Binpack, &f.view(), &pod, &not_first).unwrap();
+        assert_eq!(p.cards[&Slot::App(0)], vec![1]);
+        let only_first = CardFilter {
+            include_uuids: vec![f.inv.cards[0].uuid.clone()],
+            ..Default::default()
+        };
+        let p = place(Policy::Binpack, &f.view(), &pod, &only_first).unwrap();
+        assert_eq!(p.cards[&Slot::App(0)], vec![0]);
+    }
+
+    #[test]
+    fn unhealthy_cards_get_nothing_and_are_named() {
+        let mut inv = NodeInventory::uniform(2, "T4", 4096, Link::Phb);
+        inv.cards[0].healthy = false;
+        let mut f = Fixture::new(inv);
+        let p = f.place(Policy::Binpack, &[share(10, 1)]).unwrap();
+        assert_eq!(p.cards[&Slot::App(0)], vec![1]);
+        f.ledger.allocate(&Assignment::whole(&[1])).unwrap();
+        let e = f.place(Policy::Binpack, &[share(10, 1)]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "container \"c0\": card 1: 0 vcuda-core and 0 memory blocks free, 10 and 1 requested (unhealthy: card 0)"
+        );
+    }
+
+    #[test]
+    fn no_cards_at_all_is_no_gpu() {
+        let f = Fixture::new(NodeInventory::uniform(0, "T4", 4096, Link::Phb));
+        let e = f.place(Policy::Binpack, &[share(10, 1)]).unwrap_err();
+        assert_eq!(e, Unfit::NoGpu);
+        assert!(e.unresolvable());
+    }
+
+    #[test]
+    fn an_init_container_reuses_the_app_containers_card() {
+        let mut f = Fixture::new(NodeInventory::uniform(2, "T4", 4096, Link::Phb));
+        f.ledger.allocate(&Assignment::share(0, 20, 1)).unwrap();
+        let pod = PodGpuRequest {
+            containers: vec![
+                ContainerGpu {
+                    slot: Slot::Init(0),
+                    name: "init".into(),
+                    request: share(70, 2),
+                    sidecar: false,
+                },
+                ContainerGpu {
+                    slot: Slot::App(0),
+                    name: "main".into(),
+                    request: share(30, 4),
+                    sidecar: false,
+                },
+            ],
+        };
+        let p = place(Policy::Binpack, &f.view(), &pod, &CardFilter::default()).unwrap();
+        // main goes to card 0 (best fit); init fits next to it there as max(70,30)=70 ≤ 80.
+        assert_eq!(p.cards[&Slot::App(0)], vec![0]);
+        assert_eq!(p.cards[&Slot::Init(0)], vec![0]);
+        assert_eq!(
+            p.assignment.charge_on(0),
+            Some(Charge::Share {
+                cores: 70,
+                blocks: 4
+            })
+        );
+    }
+
+    #[test]
+    fn scores_normalise_to_zero_to_ten() {
+        assert_eq!(normalize_scores(&[-5, 0, 5]), vec![0, 5, 10]);
+        assert_eq!(normalize_scores(&[3, 3]), vec![10, 10]);
+        assert_eq!(normalize_scores(&[]), Vec::<u8>::new());
+        assert_eq!(normalize_scores(&[i64::MIN, i64::MAX]), vec![0, 10]);
+    }
+
+    fn arb_state() -> impl Strategy<Value = (Vec<(u32, u32, bool)>, Vec<bool>)> {
+        // Per card: used cores (0..=100; 100 = whole), used blocks, plus health.
+        (
+            prop::collection::vec((0u32..=100, 0u32..=16, prop::bool::weighted(0.2)), 1..8),
+            prop::collection::vec(prop::bool::weighted(0.9), 8),
+        )
+    }
+
+    fn arb_request() -> impl Strategy<Value = GpuRequest> {
+        prop_oneof![
+            (1u32..100, 1u32..=18).prop_map(|(cores, blocks)| GpuRequest::Share { cores, blocks }),
+            (1u32..=4).prop_map(|cards| GpuRequest::Whole { cards }),
+        ]
+    }
+
+    fn build(state: &(Vec<(u32, u32, bool)>, Vec<bool>)) -> Fixture {
+        let (cards, health) = state;
+        let mut inv = NodeInventory::uniform(cards.len(), "T4", 16 * 256, Link::Phb);
+        for (i, c) in inv.cards.iter_mut().enumerate() {
+            c.healthy = health[i];
+            c.numa_node = Some((i / 2) as u32);
+        }
+        let mut f = Fixture::new(inv);
+        for (i, &(cores, blocks, whole)) in cards.iter().enumerate() {
+            let a = if whole || cores == 100 {
+                Assignment::whole(&[i as u32])
+            } else if cores == 0 {
+                continue;
+            } else {
+                Assignment::share(i as u32, cores, blocks)
+            };
+            f.ledger.allocate(&a).unwrap();
+        }
+        f
+    }
+
+    proptest! {
+        /// Whatever the node state, a placement only uses healthy cards, fits the ledger,
+        /// is deterministic, and exists whenever some card set could hold the request.
+        #[test]
+        fn placements_are_sound_complete_and_deterministic(
+            state in arb_state(),
+            req in arb_request(),
+            policy in prop::sample::select(Policy::ALL.to_vec()),
+        ) {
+            let f = build(&state);
+            let healthy: Vec<u32> = f.inv.cards.iter().filter(|c| c.healthy).map(|c| c.index).collect();
+            let feasible = match req {
+                GpuRequest::Share { cores, blocks } => healthy.iter().any(|&i| {
+                    let s = f.ledger.cards()[i as usize];
+                    s.free_cores >= cores && s.free_blocks >= blocks
+                }),
+                GpuRequest::Whole { cards } => healthy
+                    .iter()
+                    .filter(|&&i| f.ledger.cards()[i as usize].is_free())
+                    .count() >= cards as usize,
+            };
+            let r1 = f.place(policy, &[req]);
+            let r2 = f.place(policy, &[req]);
+            prop_assert_eq!(&r1, &r2);
+            match r1 {
+                Ok(p) => {
+                    prop_assert!(feasible);
+                    let cards = &p.cards[&Slot::App(0)];
+                    prop_assert_eq!(cards.len() as u32, req.cards());
+                    prop_assert!(cards.iter().all(|c| healthy.contains(c)));
+                    prop_assert!(f.ledger.check(&p.assignment).is_ok());
+                    let mut l = f.ledger.clone();
+                    l.allocate(&p.assignment).unwrap();
+                    l.release(&p.assignment).unwrap();
+                    prop_assert_eq!(l, f.ledger.clone());
+                }
+                Err(e) => {
+                    prop_assert!(!feasible, "{}", e);
+                    let expected = matches!(e, Unfit::Shortfall { .. } | Unfit::TooLarge { .. });
+                    prop_assert!(expected);
+                }
+            }
+        }
+
+        #[test]
+        fn multi_container_pods_never_overcommit_a_card(
+            state in arb_state(),
+            reqs in prop::collection::vec(arb_request(), 1..4),
+            policy in prop::sample::select(Policy::ALL.to_vec()),
+        ) {
+            let f = build(&state);
+            if let Ok(p) = f.place(policy, &reqs) {
+                let mut l = f.ledger.clone();
+                prop_assert!(l.allocate(&p.assignment).is_ok());
+                prop_assert_eq!(p.cards.len(), reqs.len());
+            }
+        }
+    }
+}
