@@ -163,7 +163,9 @@ mod tests {
 
     #[test]
     fn garbage_is_rejected_with_the_allowed_forms() {
-        for s in ["", "abc", "1x", "1.2.3", "Gi", "1 Gi", "1e", "1e+", "--1", "."] {
+        for s in [
+            "", "abc", "1x", "1.2.3", "Gi", "1 Gi", "1e", "1e+", "--1", ".",
+        ] {
             let e = parse(s).unwrap_err();
             assert!(matches!(e, QuantityError::Syntax(_)), "{s}: {e:?}");
             assert!(e.to_string().contains("expected a number"), "{e}");

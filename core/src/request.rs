@@ -171,7 +171,11 @@ impl PodGpuRequest {
         let mut errors = Vec::new();
         let inits = spec.init_containers.iter().flatten().enumerate();
         let inits = inits.map(|(i, c)| (Slot::Init(i), c));
-        let apps = spec.containers.iter().enumerate().map(|(i, c)| (Slot::App(i), c));
+        let apps = spec
+            .containers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (Slot::App(i), c));
         for (slot, c) in inits.chain(apps) {
             match parse_container(c, names) {
                 Ok(Some(request)) => containers.push(ContainerGpu {
@@ -219,7 +223,11 @@ impl PodGpuRequest {
 
     /// Largest card count any single container needs.
     pub fn max_cards(&self) -> u32 {
-        self.containers.iter().map(|c| c.request.cards()).max().unwrap_or(0)
+        self.containers
+            .iter()
+            .map(|c| c.request.cards())
+            .max()
+            .unwrap_or(0)
     }
 
     fn effective(&self, f: impl Fn(&GpuRequest) -> u64) -> u64 {
@@ -439,7 +447,10 @@ mod tests {
 
     #[test]
     fn multiples_of_100_are_whole_cards_and_memory_is_ignored() {
-        assert_eq!(parse(&[(CORE, "100")]), Ok(Some(GpuRequest::Whole { cards: 1 })));
+        assert_eq!(
+            parse(&[(CORE, "100")]),
+            Ok(Some(GpuRequest::Whole { cards: 1 }))
+        );
         assert_eq!(
             parse(&[(CORE, "200"), (MEM, "7")]),
             Ok(Some(GpuRequest::Whole { cards: 2 }))

@@ -18,7 +18,9 @@ pub fn blocks_for_mib(memory_mib: u64) -> u32 {
 
 /// A resource domain was not a valid DNS subdomain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid resource domain {domain:?}: {reason}; use a DNS subdomain such as \"tencent.com\"")]
+#[error(
+    "invalid resource domain {domain:?}: {reason}; use a DNS subdomain such as \"tencent.com\""
+)]
 pub struct DomainError {
     pub domain: String,
     pub reason: &'static str,
@@ -34,7 +36,9 @@ pub struct ResourceNames {
 
 impl fmt::Debug for ResourceNames {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResourceNames").field("domain", &self.domain).finish()
+        f.debug_struct("ResourceNames")
+            .field("domain", &self.domain)
+            .finish()
     }
 }
 
@@ -126,7 +130,14 @@ mod tests {
 
     #[test]
     fn invalid_domains_are_rejected_with_the_rule() {
-        for bad in ["", "Tencent.com", "a..b", "-a.com", "x.kubernetes.io", "a_b.com"] {
+        for bad in [
+            "",
+            "Tencent.com",
+            "a..b",
+            "-a.com",
+            "x.kubernetes.io",
+            "a_b.com",
+        ] {
             let e = ResourceNames::new(bad).unwrap_err();
             assert!(e.to_string().contains("DNS subdomain"), "{e}");
         }
