@@ -6,6 +6,28 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
+# --- BEGIN tools: Prometheus (metrics tests) ------------------------------------------------
+# gm-metrics' tests check the exposition with `promtool check metrics` and scrape a live
+# server with a real Prometheus. Both come from Debian's `prometheus` package; install it only
+# when either binary is missing, so reruns do nothing here.
+section "tools: prometheus + promtool"
+if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+  echo "prometheus and promtool already installed: $(command -v prometheus), $(command -v promtool)"
+else
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  # --no-install-recommends: the exporters and web assets are not needed by the tests.
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+  # The package may start its own service where an init system runs; the tests start their
+  # own server on a random port, so a running system instance does no harm.
+  command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || {
+    echo "installing Debian's prometheus package did not provide prometheus and promtool" >&2
+    exit 1
+  }
+fi
+# --- END tools: Prometheus ---------------------------------------------------------------------
+
 section "cargo test --workspace"
 cargo test --workspace --all-targets --locked
 cargo test --workspace --doc --locked
