@@ -13,6 +13,8 @@
 //! * [`placement`]: the placement policies (`binpack`, `spread`, `topology`) and node choice.
 
 pub mod annotations;
+pub mod fgd;
+pub mod fgd_plus;
 pub mod health;
 pub mod inventory;
 pub mod ledger;
