@@ -20,6 +20,7 @@ pub mod inventory;
 pub mod ledger;
 pub mod placement;
 pub mod quantity;
+pub mod quota;
 pub mod request;
 pub mod resources;
 pub mod topology;
