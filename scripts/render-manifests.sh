@@ -12,7 +12,7 @@ out=deploy/manifests
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 # Default values, installed into kube-system (TKEStack's namespace), release name gpu-manager.
-"$helm" template gpu-manager deploy/helm/gpu-manager --namespace kube-system >"$tmp/all.yaml"
+"$helm" template gpu-manager deploy/helm/gpu-manager --namespace kube-system --include-crds >"$tmp/all.yaml"
 # One file per chart template, named after it, documents in rendering order.
 python3 - "$tmp" <<'PY'
 import os, sys
