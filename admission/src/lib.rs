@@ -12,6 +12,7 @@
 //! passes the extender's cluster cache as a [`ClusterView`].
 
 pub mod args;
+pub mod certgen;
 pub mod cluster;
 pub mod crd;
 pub mod mutate;
