@@ -13,6 +13,7 @@
 //! * [`placement`]: the placement policies (`binpack`, `spread`, `topology`) and node choice.
 
 pub mod annotations;
+pub mod devices;
 pub mod fgd;
 pub mod fgd_plus;
 pub mod health;
