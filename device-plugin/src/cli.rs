@@ -1,7 +1,6 @@
 //! Command-line flags (each also an environment variable `GPU_MANAGER_<FLAG>`, except
 //! `NODE_NAME`), their validation, and logging set-up.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -107,9 +106,9 @@ pub struct Args {
     #[arg(long, env = "GPU_MANAGER_POLICY", default_value = "topology", value_parser = parse_policy)]
     pub policy: Policy,
 
-    /// Address of /healthz and /readyz (and later the metrics).
-    #[arg(long, env = "GPU_MANAGER_METRICS_ADDR", default_value = "0.0.0.0:5678")]
-    pub metrics_addr: SocketAddr,
+    /// Metrics, usage and health endpoints.
+    #[command(flatten)]
+    pub metrics: gm_metrics::MetricsArgs,
 
     /// Log format.
     #[arg(
@@ -166,6 +165,8 @@ pub enum CliError {
     LogLevel { value: String, problem: String },
     #[error("--checkpoint-dir and --kubelet-dir are both {0}; the kubelet deletes files in its directory, so use a directory of its own such as /var/lib/gpu-manager")]
     CheckpointInKubeletDir(String),
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// Parse a duration such as `500ms`, `30s`, `2m`, `1h` (a bare number means seconds).
@@ -273,6 +274,10 @@ impl Args {
                 problem: e.to_string(),
             }
         })?;
+        let metrics = self
+            .metrics
+            .into_config(env!("CARGO_PKG_VERSION"))
+            .map_err(|e| CliError::Metrics(e.to_string()))?;
         let config = DaemonConfig {
             node_name,
             kubelet_dir: self.kubelet_dir,
@@ -288,7 +293,7 @@ impl Args {
             gc_grace: self.gc_grace_period,
             pending_ttl: Duration::from_secs(30),
             watch_poll_interval: Duration::from_millis(300),
-            metrics_addr: Some(self.metrics_addr),
+            metrics: Some(metrics),
             standalone: self.standalone,
         };
         Ok(Setup {
@@ -363,7 +368,10 @@ mod tests {
         assert_eq!(s.config.names.core(), "tencent.com/vcuda-core");
         assert_eq!(s.config.policy, Policy::Topology);
         assert_eq!(s.config.gc_grace, Duration::from_secs(120));
-        assert_eq!(s.config.metrics_addr, Some("0.0.0.0:5678".parse().unwrap()));
+        assert_eq!(
+            s.config.metrics.as_ref().map(|m| m.addr),
+            Some("0.0.0.0:5678".parse().unwrap())
+        );
         assert!(matches!(s.backend, BackendChoice::Simulated { .. }));
     }
 

@@ -1,6 +1,5 @@
 //! The daemon's configuration, independent of how it was given (flags, env, tests).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -49,8 +48,9 @@ pub struct DaemonConfig {
     pub pending_ttl: Duration,
     /// Safety-net poll of `kubelet.sock` and our sockets (inotify does the fast path).
     pub watch_poll_interval: Duration,
-    /// Where `/healthz` and `/readyz` are served; `None`: not at all.
-    pub metrics_addr: Option<SocketAddr>,
+    /// The metrics, usage and health server (`/metrics`, `/usage`, `/healthz`, `/readyz`);
+    /// `None`: not served.
+    pub metrics: Option<gm_metrics::MetricsConfig>,
     /// No API server: no pod watch, no annotations, no node publishing.
     pub standalone: bool,
 }
@@ -76,7 +76,7 @@ impl DaemonConfig {
             gc_grace: Duration::from_secs(120),
             pending_ttl: Duration::from_secs(30),
             watch_poll_interval: Duration::from_millis(300),
-            metrics_addr: None,
+            metrics: None,
             standalone: true,
         }
     }

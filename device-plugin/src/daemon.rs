@@ -33,7 +33,7 @@ use crate::pods::PodSource;
 use crate::shared::{RestoreOutcome, Shared};
 use crate::state::checkpoint::{self, Data, PersistedRecord};
 use crate::state::{State, StateConfig};
-use crate::{gc, health, http, publisher, registration};
+use crate::{gc, health, publisher, registration};
 
 /// What the daemon talks to besides the kubelet.
 #[derive(Debug, Clone)]
@@ -314,10 +314,25 @@ impl Daemon {
             ));
         }
         let mut metrics_addr = None;
-        if let Some(addr) = config.metrics_addr {
-            let (bound, task) = http::serve(addr, Arc::clone(&shared), shutdown_rx.clone()).await?;
-            metrics_addr = Some(bound);
-            tasks.push(task);
+        if let Some(mcfg) = &config.metrics {
+            let source: Arc<dyn SnapshotSource> = Arc::clone(&shared) as Arc<dyn SnapshotSource>;
+            let server = gm_metrics::MetricsServer::bind(mcfg, source, Arc::clone(&deps.backend))
+                .await
+                .map_err(|e| DaemonError::Metrics(e.to_string()))?;
+            metrics_addr = Some(
+                server
+                    .local_addr()
+                    .map_err(|e| DaemonError::Metrics(e.to_string()))?,
+            );
+            let mut stop = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = server.run(shutdown).await {
+                    tracing::error!(error = %e, "metrics server failed");
+                }
+            }));
         }
         let (dir, watcher) =
             registration::spawn_watcher(config.kubelet_dir.clone(), config.watch_poll_interval);

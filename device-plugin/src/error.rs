@@ -27,13 +27,9 @@ pub enum DaemonError {
     #[error("the {backend} backend found no GPU cards on this node; nothing to serve")]
     NoCards { backend: String },
 
-    /// The metrics / health address could not be bound.
-    #[error("cannot listen on --metrics-addr {addr}: {source}")]
-    Listen {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The metrics server could not start (e.g. --metrics-addr is taken).
+    #[error("metrics server: {0}")]
+    Metrics(String),
 
     /// The inventory the backend produced is too large for device IDs.
     #[error("{0}")]

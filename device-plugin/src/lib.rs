@@ -20,7 +20,6 @@
 //! | [`publisher`] | the node's inventory annotation and labels |
 //! | [`shared`] | what the running parts share: locked state, device lists, queues |
 //! | [`gc`] | reconciling records against pod-resources and the API server |
-//! | [`http`] | `/healthz` and `/readyz` on the metrics address |
 
 pub mod cli;
 pub mod cluster;
@@ -30,7 +29,6 @@ pub mod error;
 pub mod fsutil;
 pub mod gc;
 pub mod health;
-pub mod http;
 pub mod limiter;
 pub mod plugin;
 pub mod podresources;

@@ -254,6 +254,12 @@ impl Shared {
 
 impl SnapshotSource for Shared {
     fn snapshot(&self) -> NodeSnapshot {
+        // Container IDs and QoS come from the API server's view of the pods (absent standalone).
+        let pods: BTreeMap<(String, String), Arc<PodInfo>> = self
+            .pods_snapshot()
+            .into_iter()
+            .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+            .collect();
         let (inventory, allocations) = self.read_state(|st| {
             let inv = st.inventory().clone();
             let allocations = st
@@ -270,13 +276,16 @@ impl SnapshotSource for Shared {
                             memory_mib: r.memory_bytes_on(c, &inv).unwrap_or(0) / (1024 * 1024),
                         })
                         .collect();
+                    let info = pod.and_then(|p| pods.get(&(p.namespace.clone(), p.name.clone())));
                     ContainerAllocation {
                         namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
                         pod_name: pod.map(|p| p.name.clone()).unwrap_or_default(),
                         pod_uid: pod.map(|p| p.uid.clone()).unwrap_or_default(),
                         container_name: pod.map(|p| p.container.clone()).unwrap_or_default(),
-                        container_id: None,
-                        qos_class: None,
+                        container_id: pod.and_then(|p| {
+                            info.and_then(|i| i.container_ids.get(&p.container).cloned())
+                        }),
+                        qos_class: info.and_then(|i| i.qos_class.clone()),
                         request_cores: r.cores(),
                         request_memory_mib: r
                             .memory_bytes(&inv)
@@ -314,6 +323,14 @@ impl SnapshotSource for Shared {
                 })
                 .collect(),
             registered: self.ready(),
+            unregistered: DeviceKind::ALL
+                .iter()
+                .filter(|k| !self.is_registered(**k))
+                .map(|k| match k {
+                    DeviceKind::Core => self.config.names.core().to_string(),
+                    DeviceKind::Memory => self.config.names.memory().to_string(),
+                })
+                .collect(),
         }
     }
 }

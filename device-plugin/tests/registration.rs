@@ -155,7 +155,10 @@ async fn readyz_reports_registration() {
     let mut h = Harness::new(example_node("t4-pcie-4.yaml")).await;
     h.kubelet.stop().await;
     let mut cfg = h.config();
-    cfg.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.metrics = Some(gm_metrics::MetricsConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    });
     let d = h.daemon_with(cfg, false).await;
     let addr = d.handle().metrics_addr().unwrap();
     let get = |path: &'static str| async move {
@@ -171,7 +174,10 @@ async fn readyz_reports_registration() {
     assert!(get("/healthz").await.starts_with("HTTP/1.0 200"));
     let r = get("/readyz").await;
     assert!(r.starts_with("HTTP/1.0 503"), "{r}");
-    assert!(r.contains("tencent.com/vcuda-core not registered"), "{r}");
+    assert!(
+        r.contains("tencent.com/vcuda-core, tencent.com/vcuda-memory not registered"),
+        "{r}"
+    );
     h.kubelet.restart().await;
     h.kubelet.wait_registrations(2).await;
     let t = Instant::now();

@@ -122,6 +122,7 @@ fn bench_scrape(c: &mut Criterion) {
             ("tencent.com/vcuda-memory".into(), 1),
         ],
         registered: true,
+        unregistered: Vec::new(),
     };
     let backend: Arc<dyn GpuBackend> = Arc::new(Fixed {
         inventory,

@@ -535,6 +535,7 @@ mod tests {
             allocations,
             registrations: vec![],
             registered: true,
+            unregistered: Vec::new(),
         }
     }
 

@@ -300,12 +300,18 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.0.source.snapshot().registered {
+    let snapshot = state.0.source.snapshot();
+    if snapshot.registered {
         (StatusCode::OK, "ready\n").into_response()
     } else {
+        let which = if snapshot.unregistered.is_empty() {
+            "the device plugins are not".to_string()
+        } else {
+            format!("{} not", snapshot.unregistered.join(", "))
+        };
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the device plugins are not registered with the kubelet yet\n",
+            format!("not ready: {which} registered with the kubelet (is kubelet.sock in the device-plugin directory?)\n"),
         )
             .into_response()
     }

@@ -48,6 +48,8 @@ pub struct NodeSnapshot {
     pub registrations: Vec<(String, u64)>,
     /// True once both device plugins are registered with the kubelet.
     pub registered: bool,
+    /// Resources whose device plugin is not registered with the kubelet right now.
+    pub unregistered: Vec<String>,
 }
 
 /// Implemented by the daemon.

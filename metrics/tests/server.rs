@@ -364,13 +364,22 @@ async fn an_unknown_usage_format_is_refused_naming_the_allowed_ones() {
 #[tokio::test]
 async fn readyz_follows_device_plugin_registration_and_healthz_is_always_ok() {
     let node = sim_node();
-    node.source.update(|s| s.registered = false);
+    node.source.update(|s| {
+        s.registered = false;
+        s.unregistered = vec!["tencent.com/vcuda-memory".into()];
+    });
     let router = node.router();
     let (status, _, body) = get(&router, "/readyz", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(body.contains("not registered"), "{body}");
+    assert!(
+        body.contains("tencent.com/vcuda-memory not registered with the kubelet"),
+        "{body}"
+    );
     assert_eq!(get(&router, "/healthz", None).await.0, StatusCode::OK);
-    node.source.update(|s| s.registered = true);
+    node.source.update(|s| {
+        s.registered = true;
+        s.unregistered.clear();
+    });
     assert_eq!(get(&router, "/readyz", None).await.0, StatusCode::OK);
     let (_, _, metrics) = get(&router, "/metrics", None).await;
     assert_eq!(

@@ -71,6 +71,10 @@ pub struct PodInfo {
     /// When the pod was scheduled: the extender's predicate time, else its creation time
     /// (unix nanoseconds); orders pods the way the kubelet admits them.
     pub time: u64,
+    /// `status.qosClass` (selects the cgroup path when metrics map processes to containers).
+    pub qos_class: Option<String>,
+    /// Container name → runtime container ID (`containerd://…`) from the container statuses.
+    pub container_ids: BTreeMap<String, String>,
 }
 
 impl PodInfo {
@@ -120,6 +124,16 @@ impl PodInfo {
             },
         };
         let status = pod.status.as_ref();
+        let container_ids = status
+            .into_iter()
+            .flat_map(|s| {
+                s.init_container_statuses
+                    .iter()
+                    .flatten()
+                    .chain(s.container_statuses.iter().flatten())
+            })
+            .filter_map(|cs| Some((cs.name.clone(), cs.container_id.clone()?)))
+            .collect();
         Some(Self {
             namespace,
             name,
@@ -131,6 +145,8 @@ impl PodInfo {
             annotations,
             containers,
             request_error,
+            qos_class: status.and_then(|s| s.qos_class.clone()),
+            container_ids,
         })
     }
 

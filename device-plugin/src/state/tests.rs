@@ -72,6 +72,8 @@ fn pod(name: &str, time: u64, containers: Vec<(&str, GpuRequest, Option<Vec<u32>
         request_error: None,
         annotations,
         time,
+        qos_class: None,
+        container_ids: Default::default(),
     }
 }
 

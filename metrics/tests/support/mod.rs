@@ -253,6 +253,7 @@ pub fn sim_node() -> SimNode {
             ("tencent.com/vcuda-memory".into(), 1),
         ],
         registered: true,
+        unregistered: Vec::new(),
     };
     SimNode {
         dir,
