@@ -178,6 +178,7 @@ impl PolicySummary {
             seeds: self.seeds.len(),
             alloc_ratio_at_100: Stat::of(&self.alloc_100),
             alloc_ratio_at_130: Stat::of(&self.alloc_130),
+            decision_us_p50: round3(self.decision_us_p50),
             decision_us_p99: round3(self.decision_us_p99),
         }
     }
@@ -220,6 +221,7 @@ pub struct JsonReport {
     pub seeds: usize,
     pub alloc_ratio_at_100: Stat,
     pub alloc_ratio_at_130: Stat,
+    pub decision_us_p50: f64,
     pub decision_us_p99: f64,
 }
 

@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::policy::SimPolicy;
 use crate::trace::{TraceNode, TracePod};
-use gm_core::fgd_plus::{FgdPlus, PlusConfig};
+use gm_core::fgd_plus::{CapAccess, FgdPlus, PlusConfig, Scarcity};
 
 /// The paper's normalisers: the largest node has 128 cores and 8 GPUs.
 const MAX_SPEC_CPU: f64 = 128_000.0;
@@ -212,6 +212,7 @@ struct Shape {
     topology: Topology,
     access: NodeAccess,
     plus_access: NodeAccess,
+    cap_access: CapAccess,
 }
 
 /// The replay engine for one trace; reusable across seeds and policies.
@@ -263,8 +264,13 @@ impl<'a> Simulator<'a> {
             Some(w) => w.clone(),
             None => learn_workload(pods, opts.coverage)?,
         };
+        // fgd+'s capability covers every type of the pod list (or the configured workload).
+        let everything = match &opts.workload {
+            Some(w) => w.clone(),
+            None => learn_workload(pods, 1.0)?,
+        };
         let fgd = Fgd::new(workload);
-        let plus = FgdPlus::with_config(fgd.clone(), opts.plus);
+        let plus = FgdPlus::with_config(fgd.clone(), opts.plus).with_capability(&everything);
         Ok(Self {
             nodes,
             pods,
@@ -306,10 +312,49 @@ impl<'a> Simulator<'a> {
         let mut ties: Vec<(usize, u64)> = Vec::with_capacity(nodes.len());
         let mut rank: Vec<u32> = (0..nodes.len() as u32).collect();
         rank.shuffle(&mut rng);
+        // fgd+'s scarcity factors: nodes / nodes able to host each capability type.
+        let cap_len = self.plus.capability().map_or(0, |c| c.len());
+        let scarcity_mode = if policy == SimPolicy::FgdPlus {
+            self.opts.plus.scarcity
+        } else {
+            Scarcity::None
+        };
+        let mut hosts: Vec<Vec<bool>> = Vec::new();
+        let mut host_count = vec![0u32; cap_len];
+        if let (Some(cap), false) = (self.plus.capability(), scarcity_mode == Scarcity::None) {
+            for n in &nodes {
+                let f: Vec<bool> = (0..cap_len)
+                    .map(|i| cap.fits(i, &shapes[n.shape].cap_access, n.cpu_free, &n.free))
+                    .collect();
+                for (i, &b) in f.iter().enumerate() {
+                    host_count[i] += u32::from(b);
+                }
+                hosts.push(f);
+            }
+        }
+        let total_nodes = nodes.len() as f64;
+        let scarcity_of = |count: &[u32]| -> Vec<f64> {
+            count
+                .iter()
+                .map(|&h| total_nodes / f64::from(h.max(1)))
+                .collect()
+        };
+        let mut scarcity: Vec<f64> = if scarcity_mode == Scarcity::None {
+            Vec::new()
+        } else {
+            scarcity_of(&host_count)
+        };
         for &pi in &order {
             let pod = &sim_pods[pi];
             let t0 = Instant::now();
-            let choice = self.decide(policy, (&shapes, &rank), &nodes, pod, &mut ties, &mut rng);
+            let choice = self.decide(
+                policy,
+                (&shapes, &rank, &scarcity),
+                &nodes,
+                pod,
+                &mut ties,
+                &mut rng,
+            );
             decision_ns.push(t0.elapsed().as_nanos() as u64);
             arrived += pod.gpu_milli;
             if let Some((ni, cards)) = choice {
@@ -343,6 +388,17 @@ impl<'a> Simulator<'a> {
                         node.cpu_free,
                         &node.free,
                     );
+                    if let (Some(cap), Scarcity::Dynamic) = (self.plus.capability(), scarcity_mode)
+                    {
+                        for (t, was) in hosts[ni].iter_mut().enumerate() {
+                            let now = cap.fits(t, &shape.cap_access, node.cpu_free, &node.free);
+                            if now != *was {
+                                host_count[t] = host_count[t] + u32::from(now) - u32::from(*was);
+                                *was = now;
+                            }
+                        }
+                        scarcity = scarcity_of(&host_count);
+                    }
                 }
                 used += pod.gpu_milli;
             }
@@ -424,12 +480,16 @@ impl<'a> Simulator<'a> {
                     let topology = Topology::new(&inventory);
                     let access = self.fgd.access_uniform(&n.model, n.gpus as usize);
                     let plus_access = self.plus.fgd().access_uniform(&n.model, n.gpus as usize);
+                    let cap_access = self
+                        .plus
+                        .cap_access(std::iter::repeat_n(n.model.as_str(), n.gpus as usize));
                     keys.push(key);
                     shapes.push(Shape {
                         inventory,
                         topology,
                         access,
                         plus_access,
+                        cap_access,
                     });
                     shapes.len() - 1
                 }
@@ -467,7 +527,7 @@ impl<'a> Simulator<'a> {
     fn decide(
         &self,
         policy: SimPolicy,
-        (shapes, rank): (&[Shape], &[u32]),
+        (shapes, rank, scarcity): (&[Shape], &[u32], &[f64]),
         nodes: &[SimNode],
         pod: &SimPod,
         ties: &mut Vec<(usize, u64)>,
@@ -479,7 +539,7 @@ impl<'a> Simulator<'a> {
             if !fits(n, pod) {
                 continue;
             }
-            let Some((score, cards)) = self.score(policy, shapes, n, pod) else {
+            let Some((score, cards)) = self.score(policy, (shapes, scarcity), n, pod) else {
                 continue;
             };
             if score > best {
@@ -513,7 +573,7 @@ impl<'a> Simulator<'a> {
     fn score(
         &self,
         policy: SimPolicy,
-        shapes: &[Shape],
+        (shapes, scarcity): (&[Shape], &[f64]),
         n: &SimNode,
         pod: &SimPod,
     ) -> Option<(i64, u64)> {
@@ -559,6 +619,8 @@ impl<'a> Simulator<'a> {
                 let access = &shapes[n.shape].plus_access;
                 let c = self.plus.score(
                     access,
+                    &shapes[n.shape].cap_access,
+                    scarcity,
                     n.cpu_free,
                     &n.free,
                     n.frag_plus,

@@ -177,7 +177,7 @@ fn the_json_report_has_exactly_the_documented_shape() {
     .unwrap();
     let v = serde_json::to_value(sums[0].json()).unwrap();
     let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys.len(), 5, "{keys:?}");
+    assert_eq!(keys.len(), 6, "{keys:?}");
     assert_eq!(v["policy"], "best-fit");
     assert_eq!(v["seeds"], 3);
     for k in ["alloc_ratio_at_100", "alloc_ratio_at_130"] {
@@ -185,7 +185,50 @@ fn the_json_report_has_exactly_the_documented_shape() {
         assert!((0.0..=100.0).contains(&m), "{k} {m}");
         assert!(v[k]["mean"].is_f64());
     }
-    assert!(v["decision_us_p99"].as_f64().unwrap() > 0.0);
+    assert!(v["decision_us_p50"].as_f64().unwrap() > 0.0);
+    assert!(v["decision_us_p99"].as_f64().unwrap() >= v["decision_us_p50"].as_f64().unwrap());
+}
+
+#[test]
+fn fgd_plus_keeps_the_only_node_that_fits_a_rare_big_pod_free_where_fgd_does_not() {
+    // Three 96-core and one 128-core 8-card node; 24 one-card pods and one 8-card pod with
+    // 120 cores (4 % of pods, so outside FGD's 95 % target workload): exactly 100 % of GPUs.
+    let nodes = parse_nodes(
+        "n",
+        "sn,cpu_milli,memory_mib,gpu,model\n\
+         a,96000,393216,8,G2\nb,96000,393216,8,G2\nc,96000,393216,8,G2\nd,128000,786432,8,G3\n",
+    )
+    .unwrap();
+    let mut text = String::from("name,cpu_milli,memory_mib,num_gpu,gpu_milli\n");
+    for i in 0..24 {
+        text.push_str(&format!("s{i:02},10000,16384,1,1000\n"));
+    }
+    text.push_str("big,120000,262144,8,1000\n");
+    let pods = parse_pods("p", &text).unwrap();
+    let opts = SimOptions {
+        tune_ratio: 1.0,
+        ..SimOptions::default()
+    };
+    let seeds: Vec<u64> = (1..=20).collect();
+    let (sums, _) = simulate(
+        &nodes,
+        &pods,
+        &[SimPolicy::Fgd, SimPolicy::FgdPlus],
+        &seeds,
+        opts,
+        2,
+    )
+    .unwrap();
+    assert!(
+        sums[0].failed.iter().any(|&f| f > 0),
+        "FGD leaves the 128-core node to its node order: {:?}",
+        sums[0].failed
+    );
+    assert!(
+        sums[1].failed.iter().all(|&f| f == 0),
+        "{:?}",
+        sums[1].failed
+    );
 }
 
 #[test]
