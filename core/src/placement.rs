@@ -118,19 +118,37 @@ impl fmt::Display for Unfit {
     }
 }
 
-/// Card eligibility for one pod on one node: allowed by the filter and healthy.
-fn eligible_mask(inv: &NodeInventory, filter: &CardFilter) -> (u64, u64) {
-    let mut allowed = 0u64;
-    let mut healthy = 0u64;
-    for c in inv.cards.iter().take(64) {
-        if filter.allows(c) {
-            allowed |= 1 << c.index;
-            if c.healthy {
-                healthy |= 1 << c.index;
+/// The cards of one node a pod may use: those its [`CardFilter`] allows, and among them the
+/// healthy ones (bit i = card i). Callers that evaluate one pod against many nodes can compute
+/// this once per distinct inventory and pass it to [`place_with`] and [`fit_score`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Eligibility {
+    /// Cards the pod's model / UUID constraints allow.
+    pub allowed: u64,
+    /// Allowed cards that are healthy: the only ones placement may choose.
+    pub healthy: u64,
+}
+
+impl Eligibility {
+    /// The eligibility of `inv`'s cards for a pod with constraints `filter`.
+    pub fn of(inv: &NodeInventory, filter: &CardFilter) -> Self {
+        let mut allowed = 0u64;
+        let mut healthy = 0u64;
+        for c in inv.cards.iter().take(64) {
+            if filter.allows(c) {
+                allowed |= 1 << c.index;
+                if c.healthy {
+                    healthy |= 1 << c.index;
+                }
             }
         }
+        Self { allowed, healthy }
     }
-    (allowed, healthy)
+
+    /// The eligibility for an unconstrained pod: every card allowed, the healthy ones usable.
+    pub fn unconstrained(inv: &NodeInventory) -> Self {
+        Self::of(inv, &CardFilter::default())
+    }
 }
 
 fn describe_filter(filter: &CardFilter) -> String {
@@ -160,11 +178,30 @@ pub fn place(
     pod: &PodGpuRequest,
     filter: &CardFilter,
 ) -> Result<Placement, Unfit> {
+    place_with(
+        policy,
+        node,
+        pod,
+        filter,
+        Eligibility::of(node.inventory, filter),
+    )
+}
+
+/// [`place`] with the pod's [`Eligibility`] on this node already computed (it must be
+/// `Eligibility::of(node.inventory, filter)`; `filter` is only used to word the reason when no
+/// card is allowed).
+pub fn place_with(
+    policy: Policy,
+    node: &NodeView<'_>,
+    pod: &PodGpuRequest,
+    filter: &CardFilter,
+    elig: Eligibility,
+) -> Result<Placement, Unfit> {
     let inv = node.inventory;
     if inv.is_empty() {
         return Err(Unfit::NoGpu);
     }
-    let (allowed, healthy) = eligible_mask(inv, filter);
+    let Eligibility { allowed, healthy } = elig;
     if allowed == 0 {
         let models = inv.models().join(", ");
         return Err(Unfit::NoAllowedCard {
@@ -175,6 +212,32 @@ pub fn place(
                 models
             },
         });
+    }
+    // The common pod, one long-running GPU container: nothing to accumulate, so decide on the
+    // node's own ledger without copying it.
+    if let [c] = pod.containers.as_slice() {
+        if c.long_running() {
+            let chosen = choose(policy, node.topology, node.ledger, healthy, c.request)
+                .ok_or_else(|| explain(inv, node.ledger, allowed, healthy, c))?;
+            let multi_level = if chosen.len() > 1 {
+                node.topology.span_level(mask_of(&chosen))
+            } else {
+                0
+            };
+            let assignment = Assignment::new(
+                crate::ledger::container_charges(c.slot, &c.request, &chosen)
+                    .map_err(|e| internal(c, e))?,
+            )
+            .map_err(|e| internal(c, e))?;
+            node.ledger.check(&assignment).map_err(|e| internal(c, e))?;
+            let mut cards = BTreeMap::new();
+            cards.insert(c.slot, chosen);
+            return Ok(Placement {
+                cards,
+                assignment,
+                score: node_score(policy, node.ledger, multi_level),
+            });
+        }
     }
     let mut scratch = node.ledger.clone();
     let mut cards: BTreeMap<Slot, Vec<u32>> = BTreeMap::new();
@@ -237,6 +300,105 @@ fn internal(c: &ContainerGpu, e: LedgerError) -> Unfit {
 
 fn mask_of(cards: &[u32]) -> u64 {
     cards.iter().fold(0, |m, c| m | (1u64 << c))
+}
+
+/// Does `pod` fit the node, and with what score? Always equal to
+/// `place_with(policy, node, pod, filter, elig).ok().map(|p| p.score)`, but for a pod with one
+/// long-running GPU container (nearly every pod) it allocates nothing and never formats a
+/// reason, so a scheduler can screen thousands of nodes per request and ask [`place_with`] for
+/// the cards (or the reason) only where it needs them.
+pub fn fit_score(
+    policy: Policy,
+    node: &NodeView<'_>,
+    pod: &PodGpuRequest,
+    elig: Eligibility,
+) -> Option<i64> {
+    if let Some(answer) = fit_score_from_cards(policy, node.ledger.cards(), pod, elig) {
+        return answer;
+    }
+    match pod.containers.as_slice() {
+        [c] if c.long_running() => {
+            // Several whole cards under `topology`: the score depends on the set chosen.
+            let GpuRequest::Whole { cards: n } = c.request else {
+                return None;
+            };
+            let ledger = node.ledger;
+            if (ledger.free_mask() & elig.healthy).count_ones() < n {
+                return None;
+            }
+            let chosen = choose(policy, node.topology, ledger, elig.healthy, c.request)?;
+            Some(node_score(
+                policy,
+                ledger,
+                node.topology.span_level(mask_of(&chosen)),
+            ))
+        }
+        _ => place_with(policy, node, pod, &CardFilter::default(), elig)
+            .ok()
+            .map(|p| p.score),
+    }
+}
+
+/// The part of [`fit_score`] that needs nothing but the node's card states (its ledger's
+/// `cards()`, or a copy of them): `Some(answer)` when that decides it, `None` when the caller
+/// must ask [`fit_score`] (several containers, init containers, or several whole cards under
+/// `topology`). One pass over the cards, no allocation: callers that keep the card states of
+/// many nodes side by side can screen them at memory speed.
+pub fn fit_score_from_cards(
+    policy: Policy,
+    cards: &[CardState],
+    pod: &PodGpuRequest,
+    elig: Eligibility,
+) -> Option<Option<i64>> {
+    // `allowed` is 0 for a node without cards (`elig` comes from this node's inventory).
+    if elig.allowed == 0 {
+        return Some(None);
+    }
+    let [c] = pod.containers.as_slice() else {
+        return None;
+    };
+    if !c.long_running() {
+        return None;
+    }
+    let (mut free_cores, mut free_blocks) = (0u64, 0u64);
+    match c.request {
+        GpuRequest::Share { cores, blocks } => {
+            let mut fits = false;
+            for (i, s) in cards.iter().enumerate() {
+                free_cores += u64::from(s.free_cores);
+                free_blocks += u64::from(s.free_blocks);
+                fits |= i < 64
+                    && elig.healthy & (1u64 << i) != 0
+                    && s.free_cores >= cores
+                    && s.free_blocks >= blocks;
+            }
+            Some(fits.then(|| score_from(policy, free_cores, free_blocks, 0)))
+        }
+        GpuRequest::Whole { cards: n } => {
+            let mut free = 0u64;
+            for (i, s) in cards.iter().enumerate() {
+                free_cores += u64::from(s.free_cores);
+                free_blocks += u64::from(s.free_blocks);
+                if i < 64 && s.is_free() {
+                    free |= 1u64 << i;
+                }
+            }
+            if (free & elig.healthy).count_ones() < n {
+                return Some(None);
+            }
+            if policy == Policy::Topology && n > 1 {
+                return None;
+            }
+            // Every other policy takes any n free cards; the score is the node's.
+            Some(Some(score_from(policy, free_cores, free_blocks, 0)))
+        }
+    }
+}
+
+/// The node-order rule shared by every caller: a higher score wins, equal scores go to the
+/// lowest node name. True when `(score_a, name_a)` is preferred over `(score_b, name_b)`.
+pub fn prefer(score_a: i64, name_a: &str, score_b: i64, name_b: &str) -> bool {
+    (score_a, Reverse(name_a)) > (score_b, Reverse(name_b))
 }
 
 /// Pick cards for one container on `ledger` among `eligible` cards.
@@ -339,7 +501,8 @@ fn choose_init(
     choose(policy, node.topology, steady, healthy, c.request)
 }
 
-/// Explain why `c` does not fit, naming the shortfall.
+/// Explain why `c` does not fit, naming the shortfall. One pass over the cards and one
+/// formatted string: filter answers word this for every node that does not fit.
 fn explain(
     inv: &NodeInventory,
     ledger: &NodeLedger,
@@ -347,38 +510,32 @@ fn explain(
     healthy: u64,
     c: &ContainerGpu,
 ) -> Unfit {
+    use std::fmt::Write;
     let container = c.name.clone();
-    let cards: Vec<(u32, &CardState)> = ledger
-        .cards()
-        .iter()
-        .enumerate()
-        .take(64)
-        .filter(|(i, _)| allowed & (1u64 << i) != 0)
-        .map(|(i, s)| (i as u32, s))
-        .collect();
-    let unhealthy: Vec<u32> = cards
-        .iter()
-        .map(|(i, _)| *i)
-        .filter(|i| healthy & (1u64 << i) == 0)
-        .collect();
-    let sick = if unhealthy.is_empty() {
-        String::new()
-    } else {
-        format!(
-            " (unhealthy: card{} {})",
-            if unhealthy.len() > 1 { "s" } else { "" },
-            unhealthy
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        )
+    let allowed_cards = || {
+        ledger
+            .cards()
+            .iter()
+            .enumerate()
+            .take(64)
+            .filter(move |(i, _)| allowed & (1u64 << i) != 0)
+            .map(|(i, s)| (i as u32, s))
     };
+    let present = allowed_cards().fold(0u64, |m, (i, _)| m | (1u64 << i));
+    let unhealthy = present & !healthy;
+    let mut sick = String::new();
+    if unhealthy != 0 {
+        let plural = if unhealthy.count_ones() > 1 { "s" } else { "" };
+        let _ = write!(sick, " (unhealthy: card{plural} ");
+        for (k, i) in topology::bits(unhealthy).enumerate() {
+            let _ = write!(sick, "{}{i}", if k > 0 { "," } else { "" });
+        }
+        sick.push(')');
+    }
     match c.request {
         GpuRequest::Share { cores, blocks } => {
-            let largest = cards
-                .iter()
-                .map(|(i, _)| inv.cards[*i as usize].blocks())
+            let largest = allowed_cards()
+                .map(|(i, _)| inv.cards.get(i as usize).map_or(0, |card| card.blocks()))
                 .max()
                 .unwrap_or(0);
             if blocks > largest {
@@ -390,31 +547,36 @@ fn explain(
                 };
             }
             // The closest healthy card: enough memory but too few cores, else enough cores but
-            // too little memory, else the one with the most free cores.
-            let healthy_cards: Vec<(u32, &CardState)> = cards
-                .iter()
-                .filter(|(i, _)| healthy & (1u64 << i) != 0)
-                .map(|(i, s)| (*i, *s))
-                .collect();
-            let most = |pred: &dyn Fn(&CardState) -> bool, key: &dyn Fn(&CardState) -> u32| {
-                healthy_cards
-                    .iter()
-                    .filter(|(_, s)| pred(s))
-                    .max_by_key(|(i, s)| (key(s), Reverse(*i)))
-                    .copied()
-            };
-            let detail = if let Some((i, s)) = most(&|s| s.free_blocks >= blocks, &|s| s.free_cores)
-            {
+            // too little memory, else the one with the most free cores (ties: lowest index).
+            let mut by_mem: Option<(u32, &CardState)> = None;
+            let mut by_cores: Option<(u32, &CardState)> = None;
+            let mut any: Option<(u32, &CardState)> = None;
+            for (i, st) in allowed_cards().filter(|(i, _)| healthy & (1u64 << i) != 0) {
+                if st.free_blocks >= blocks
+                    && by_mem.is_none_or(|(_, b)| st.free_cores > b.free_cores)
+                {
+                    by_mem = Some((i, st));
+                }
+                if st.free_cores >= cores
+                    && by_cores.is_none_or(|(_, b)| st.free_blocks > b.free_blocks)
+                {
+                    by_cores = Some((i, st));
+                }
+                if any.is_none_or(|(_, b)| st.free_cores > b.free_cores) {
+                    any = Some((i, st));
+                }
+            }
+            let detail = if let Some((i, s)) = by_mem {
                 format!(
                     "card {i}: {} vcuda-core free, {cores} requested{sick}",
                     s.free_cores
                 )
-            } else if let Some((i, s)) = most(&|s| s.free_cores >= cores, &|s| s.free_blocks) {
+            } else if let Some((i, s)) = by_cores {
                 format!(
                     "card {i}: {} memory blocks free, {blocks} requested{sick}",
                     s.free_blocks
                 )
-            } else if let Some((i, s)) = most(&|_| true, &|s| s.free_cores) {
+            } else if let Some((i, s)) = any {
                 format!(
                     "card {i}: {} vcuda-core and {} memory blocks free, {cores} and {blocks} requested{sick}",
                     s.free_cores, s.free_blocks
@@ -425,38 +587,34 @@ fn explain(
             Unfit::Shortfall { container, detail }
         }
         GpuRequest::Whole { cards: n } => {
-            if n as usize > cards.len() {
+            let count = present.count_ones();
+            if n > count {
                 return Unfit::TooLarge {
                     container,
                     detail: format!(
-                        "{n} whole cards requested but the node has {} allowed card{}",
-                        cards.len(),
-                        if cards.len() == 1 { "" } else { "s" }
+                        "{n} whole cards requested but the node has {count} allowed card{}",
+                        if count == 1 { "" } else { "s" }
                     ),
                 };
             }
-            let free: Vec<String> = cards
-                .iter()
-                .filter(|(i, s)| s.is_free() && healthy & (1u64 << i) != 0)
-                .map(|(i, _)| i.to_string())
-                .collect();
-            let list = if free.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " (card{} {})",
-                    if free.len() > 1 { "s" } else { "" },
-                    free.join(",")
-                )
-            };
-            Unfit::Shortfall {
-                container,
-                detail: format!(
-                    "{n} whole card{} requested, {} completely free{list}{sick}",
-                    if n == 1 { "" } else { "s" },
-                    free.len()
-                ),
+            let free = allowed_cards()
+                .filter(|(i, st)| st.is_free() && healthy & (1u64 << i) != 0)
+                .fold(0u64, |m, (i, _)| m | (1u64 << i));
+            let mut detail = format!(
+                "{n} whole card{} requested, {} completely free",
+                if n == 1 { "" } else { "s" },
+                free.count_ones()
+            );
+            if free != 0 {
+                let plural = if free.count_ones() > 1 { "s" } else { "" };
+                let _ = write!(detail, " (card{plural} ");
+                for (k, i) in topology::bits(free).enumerate() {
+                    let _ = write!(detail, "{}{i}", if k > 0 { "," } else { "" });
+                }
+                detail.push(')');
             }
+            detail.push_str(&sick);
+            Unfit::Shortfall { container, detail }
         }
     }
 }
@@ -464,8 +622,18 @@ fn explain(
 /// The node's score under `policy`, from its state before the pod (higher is better).
 /// `multi_level` is the domain level of the pod's widest multi-card container (0 if none).
 pub fn node_score(policy: Policy, ledger: &NodeLedger, multi_level: u32) -> i64 {
+    score_from(
+        policy,
+        ledger.free_cores(),
+        ledger.free_blocks(),
+        multi_level,
+    )
+}
+
+/// [`node_score`] from the node's free totals.
+fn score_from(policy: Policy, free_cores: u64, free_blocks: u64, multi_level: u32) -> i64 {
     // Free cores fit in 13 bits per card × 64 cards < 2^13; blocks < 2^24 per node.
-    let fill = (ledger.free_cores() as i64) << 24 | (ledger.free_blocks() as i64 & 0xff_ffff);
+    let fill = (free_cores as i64) << 24 | (free_blocks as i64 & 0xff_ffff);
     match policy {
         Policy::Binpack => -fill,
         Policy::Spread => fill,
@@ -483,6 +651,15 @@ pub fn normalize_scores(scores: &[i64]) -> Vec<u8> {
         return vec![10; scores.len()];
     }
     let span = (max as i128) - (min as i128);
+    // The usual case: the arithmetic fits 64 bits, and 128-bit division is many times slower.
+    if let Ok(span64) = i64::try_from(span) {
+        if span64 <= i64::MAX / 16 {
+            return scores
+                .iter()
+                .map(|&s| (((s - min) * 10 + span64 / 2) / span64) as u8)
+                .collect();
+        }
+    }
     scores
         .iter()
         .map(|&s| ((((s as i128) - (min as i128)) * 10 + span / 2) / span) as u8)
@@ -505,28 +682,41 @@ pub fn choose_node(
     pod: &PodGpuRequest,
     filter: &CardFilter,
 ) -> (Option<NodeChoice>, Vec<(usize, Unfit)>) {
-    let mut best: Option<NodeChoice> = None;
+    // Screen every node cheaply, then place only the winner.
+    let mut fitting: Vec<(i64, usize)> = Vec::new();
     let mut unfit = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
-        match place(policy, n, pod, filter) {
-            Ok(p) => {
-                let better = match &best {
-                    None => true,
-                    Some(b) => {
-                        (p.score, Reverse(n.name))
-                            > (b.placement.score, Reverse(nodes[b.node].name))
-                    }
-                };
-                if better {
-                    best = Some(NodeChoice {
-                        node: i,
-                        placement: p,
-                    });
+        let elig = Eligibility::of(n.inventory, filter);
+        match fit_score(policy, n, pod, elig) {
+            Some(score) => fitting.push((score, i)),
+            None => {
+                if let Err(e) = place_with(policy, n, pod, filter, elig) {
+                    unfit.push((i, e));
                 }
             }
+        }
+    }
+    fitting.sort_by(|a, b| {
+        if prefer(a.0, nodes[a.1].name, b.0, nodes[b.1].name) {
+            std::cmp::Ordering::Less
+        } else if prefer(b.0, nodes[b.1].name, a.0, nodes[a.1].name) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    });
+    let mut best = None;
+    for (_, i) in fitting {
+        if best.is_some() {
+            break;
+        }
+        let n = &nodes[i];
+        match place_with(policy, n, pod, filter, Eligibility::of(n.inventory, filter)) {
+            Ok(placement) => best = Some(NodeChoice { node: i, placement }),
             Err(e) => unfit.push((i, e)),
         }
     }
+    unfit.sort_by_key(|(i, _)| *i);
     (best, unfit)
 }
 
@@ -859,6 +1049,237 @@ mod tests {
         f
     }
 
+    #[test]
+    fn equal_scores_prefer_the_lowest_name_and_higher_scores_win() {
+        assert!(prefer(5, "b", 4, "a"));
+        assert!(prefer(5, "a", 5, "b"));
+        assert!(!prefer(5, "b", 5, "a"));
+        assert!(!prefer(5, "a", 5, "a"));
+    }
+
+    #[test]
+    fn fit_score_screens_without_the_cards_but_agrees_with_place() {
+        let mut f = Fixture::new(NodeInventory::uniform(4, "T4", 4096, Link::Phb));
+        f.ledger.allocate(&Assignment::whole(&[0, 1, 2])).unwrap();
+        f.ledger.allocate(&Assignment::share(3, 60, 1)).unwrap();
+        let elig = Eligibility::unconstrained(&f.inv);
+        let fits = |reqs: &[GpuRequest]| {
+            let pod = PodGpuRequest::from_app_requests(reqs.iter().copied().map(Some));
+            fit_score(Policy::Binpack, &f.view(), &pod, elig)
+        };
+        assert_eq!(
+            fits(&[share(40, 1)]),
+            Some(f.place(Policy::Binpack, &[share(40, 1)]).unwrap().score)
+        );
+        assert_eq!(fits(&[share(41, 1)]), None);
+        assert_eq!(fits(&[GpuRequest::Whole { cards: 1 }]), None);
+        assert_eq!(
+            fits(&[share(20, 1), share(20, 1)]),
+            Some(
+                f.place(Policy::Binpack, &[share(20, 1), share(20, 1)])
+                    .unwrap()
+                    .score
+            )
+        );
+        assert_eq!(fits(&[share(20, 1), share(21, 1)]), None);
+    }
+
+    #[test]
+    fn choose_node_reports_every_unfit_node_in_input_order() {
+        let full = {
+            let mut f = Fixture::new(NodeInventory::uniform(2, "T4", 4096, Link::Phb));
+            f.ledger.allocate(&Assignment::whole(&[0, 1])).unwrap();
+            f
+        };
+        let free = Fixture::new(NodeInventory::uniform(2, "T4", 4096, Link::Phb));
+        let none = Fixture::new(NodeInventory::uniform(0, "T4", 4096, Link::Phb));
+        let views = [
+            NodeView {
+                name: "c",
+                ..full.view()
+            },
+            NodeView {
+                name: "b",
+                ..free.view()
+            },
+            NodeView {
+                name: "a",
+                ..none.view()
+            },
+            NodeView {
+                name: "d",
+                ..full.view()
+            },
+        ];
+        let pod = PodGpuRequest::from_app_requests([Some(share(10, 1))]);
+        let (best, unfit) = choose_node(Policy::Binpack, &views, &pod, &CardFilter::default());
+        assert_eq!(best.unwrap().node, 1);
+        let order: Vec<usize> = unfit.iter().map(|(i, _)| *i).collect();
+        assert_eq!(order, vec![0, 2, 3]);
+        assert_eq!(unfit[1].1, Unfit::NoGpu);
+    }
+
+    /// The wording of `explain` before it was made single-pass, kept to check that the fast
+    /// version says exactly the same.
+    fn explain_reference(
+        inv: &NodeInventory,
+        ledger: &NodeLedger,
+        allowed: u64,
+        healthy: u64,
+        c: &ContainerGpu,
+    ) -> Unfit {
+        let container = c.name.clone();
+        let cards: Vec<(u32, &CardState)> = ledger
+            .cards()
+            .iter()
+            .enumerate()
+            .take(64)
+            .filter(|(i, _)| allowed & (1u64 << i) != 0)
+            .map(|(i, s)| (i as u32, s))
+            .collect();
+        let unhealthy: Vec<u32> = cards
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|i| healthy & (1u64 << i) == 0)
+            .collect();
+        let sick = if unhealthy.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (unhealthy: card{} {})",
+                if unhealthy.len() > 1 { "s" } else { "" },
+                unhealthy
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        };
+        match c.request {
+            GpuRequest::Share { cores, blocks } => {
+                let largest = cards
+                    .iter()
+                    .map(|(i, _)| inv.cards[*i as usize].blocks())
+                    .max()
+                    .unwrap_or(0);
+                if blocks > largest {
+                    return Unfit::TooLarge {
+                        container,
+                        detail: format!(
+                            "{blocks} memory blocks requested but the largest allowed card has {largest}"
+                        ),
+                    };
+                }
+                // The closest healthy card: enough memory but too few cores, else enough cores but
+                // too little memory, else the one with the most free cores.
+                let healthy_cards: Vec<(u32, &CardState)> = cards
+                    .iter()
+                    .filter(|(i, _)| healthy & (1u64 << i) != 0)
+                    .map(|(i, s)| (*i, *s))
+                    .collect();
+                let most = |pred: &dyn Fn(&CardState) -> bool, key: &dyn Fn(&CardState) -> u32| {
+                    healthy_cards
+                        .iter()
+                        .filter(|(_, s)| pred(s))
+                        .max_by_key(|(i, s)| (key(s), Reverse(*i)))
+                        .copied()
+                };
+                let detail = if let Some((i, s)) =
+                    most(&|s| s.free_blocks >= blocks, &|s| s.free_cores)
+                {
+                    format!(
+                        "card {i}: {} vcuda-core free, {cores} requested{sick}",
+                        s.free_cores
+                    )
+                } else if let Some((i, s)) = most(&|s| s.free_cores >= cores, &|s| s.free_blocks) {
+                    format!(
+                        "card {i}: {} memory blocks free, {blocks} requested{sick}",
+                        s.free_blocks
+                    )
+                } else if let Some((i, s)) = most(&|_| true, &|s| s.free_cores) {
+                    format!(
+                        "card {i}: {} vcuda-core and {} memory blocks free, {cores} and {blocks} requested{sick}",
+                        s.free_cores, s.free_blocks
+                    )
+                } else {
+                    format!("no healthy card{sick}")
+                };
+                Unfit::Shortfall { container, detail }
+            }
+            GpuRequest::Whole { cards: n } => {
+                if n as usize > cards.len() {
+                    return Unfit::TooLarge {
+                        container,
+                        detail: format!(
+                            "{n} whole cards requested but the node has {} allowed card{}",
+                            cards.len(),
+                            if cards.len() == 1 { "" } else { "s" }
+                        ),
+                    };
+                }
+                let free: Vec<String> = cards
+                    .iter()
+                    .filter(|(i, s)| s.is_free() && healthy & (1u64 << i) != 0)
+                    .map(|(i, _)| i.to_string())
+                    .collect();
+                let list = if free.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (card{} {})",
+                        if free.len() > 1 { "s" } else { "" },
+                        free.join(",")
+                    )
+                };
+                Unfit::Shortfall {
+                    container,
+                    detail: format!(
+                        "{n} whole card{} requested, {} completely free{list}{sick}",
+                        if n == 1 { "" } else { "s" },
+                        free.len()
+                    ),
+                }
+            }
+        }
+    }
+
+    fn arb_pod() -> impl Strategy<Value = PodGpuRequest> {
+        let container = (arb_request(), 0u8..4);
+        prop::collection::vec(container, 0..4).prop_map(|cs| {
+            let mut containers = Vec::new();
+            let (mut inits, mut apps) = (0, 0);
+            for (request, kind) in cs {
+                // 0,1: app container; 2: regular init container; 3: sidecar.
+                let slot = if kind < 2 {
+                    apps += 1;
+                    Slot::App(apps - 1)
+                } else {
+                    inits += 1;
+                    Slot::Init(inits - 1)
+                };
+                containers.push(ContainerGpu {
+                    slot,
+                    name: format!("{slot}"),
+                    request,
+                    sidecar: kind == 3,
+                });
+            }
+            containers.sort_by_key(|c| c.slot);
+            PodGpuRequest { containers }
+        })
+    }
+
+    fn arb_filter() -> impl Strategy<Value = CardFilter> {
+        prop_oneof![
+            3 => Just(CardFilter::default()),
+            1 => Just(CardFilter { models: ModelFilter::new(["H100"]), ..Default::default() }),
+            1 => (0u32..8).prop_map(|i| CardFilter {
+                exclude_uuids: vec![format!("GPU-T4-{i:04}")],
+                ..Default::default()
+            }),
+        ]
+    }
+
     proptest! {
         /// Whatever the node state, a placement only uses healthy cards, fits the ledger,
         /// is deterministic, and exists whenever some card set could hold the request.
@@ -901,6 +1322,107 @@ mod tests {
                     prop_assert!(expected);
                 }
             }
+        }
+
+        /// The fast screen and the full placement never disagree, whatever the pod shape,
+        /// constraints, node state or policy.
+        #[test]
+        fn fit_score_is_exactly_place_without_the_cards(
+            state in arb_state(),
+            pod in arb_pod(),
+            filter in arb_filter(),
+            policy in prop::sample::select(Policy::ALL.to_vec()),
+        ) {
+            let f = build(&state);
+            let elig = Eligibility::of(&f.inv, &filter);
+            let full = place(policy, &f.view(), &pod, &filter).ok().map(|p| p.score);
+            prop_assert_eq!(fit_score(policy, &f.view(), &pod, elig), full);
+        }
+
+        /// The single-pass reason is word for word the reason the original wording produced.
+        #[test]
+        fn reasons_are_worded_exactly_as_before(
+            state in arb_state(),
+            req in arb_request(),
+            filter in arb_filter(),
+        ) {
+            let f = build(&state);
+            let elig = Eligibility::of(&f.inv, &filter);
+            let c = ContainerGpu { slot: Slot::App(0), name: "c0".into(), request: req, sidecar: false };
+            prop_assert_eq!(
+                explain(&f.inv, &f.ledger, elig.allowed, elig.healthy, &c),
+                explain_reference(&f.inv, &f.ledger, elig.allowed, elig.healthy, &c)
+            );
+        }
+
+        /// Whenever the card states alone decide, they decide what placing would.
+        #[test]
+        fn card_states_alone_never_disagree_with_place(
+            state in arb_state(),
+            pod in arb_pod(),
+            filter in arb_filter(),
+            policy in prop::sample::select(Policy::ALL.to_vec()),
+        ) {
+            let f = build(&state);
+            let elig = Eligibility::of(&f.inv, &filter);
+            let full = place(policy, &f.view(), &pod, &filter).ok().map(|p| p.score);
+            if let Some(quick) = fit_score_from_cards(policy, f.ledger.cards(), &pod, elig) {
+                prop_assert_eq!(quick, full);
+            } else {
+                let simple = matches!(pod.containers.as_slice(), [c] if c.long_running()
+                    && !(policy == Policy::Topology && c.request.cards() > 1));
+                prop_assert!(!simple || elig.allowed == 0, "a simple pod was not decided");
+            }
+        }
+
+        /// Scores normalise the same with 64-bit and 128-bit arithmetic.
+        #[test]
+        fn normalized_scores_match_the_wide_arithmetic(scores in prop::collection::vec(any::<i64>(), 1..20), small in prop::collection::vec(-(1i64 << 40)..(1i64 << 40), 1..20)) {
+            for v in [scores, small] {
+                let (min, max) = (*v.iter().min().unwrap(), *v.iter().max().unwrap());
+                let span = (max as i128) - (min as i128);
+                let wide: Vec<u8> = if span == 0 {
+                    vec![10; v.len()]
+                } else {
+                    v.iter().map(|&s| ((((s as i128) - (min as i128)) * 10 + span / 2) / span) as u8).collect()
+                };
+                prop_assert_eq!(normalize_scores(&v), wide);
+            }
+        }
+
+        /// choose_node picks what placing on every node and keeping the best would pick.
+        #[test]
+        fn choose_node_matches_placing_everywhere(
+            states in prop::collection::vec(arb_state(), 1..5),
+            pod in arb_pod(),
+            policy in prop::sample::select(Policy::ALL.to_vec()),
+        ) {
+            let fixtures: Vec<Fixture> = states.iter().map(build).collect();
+            let names: Vec<String> = (0..fixtures.len()).map(|i| format!("n{}", (i * 7) % 5)).collect();
+            let views: Vec<NodeView<'_>> = fixtures
+                .iter()
+                .zip(&names)
+                .map(|(f, n)| NodeView { name: n, ..f.view() })
+                .collect();
+            let filter = CardFilter::default();
+            let mut best: Option<(usize, Placement)> = None;
+            let mut unfit = Vec::new();
+            for (i, v) in views.iter().enumerate() {
+                match place(policy, v, &pod, &filter) {
+                    Ok(p) => {
+                        let better = best.as_ref().is_none_or(|(b, bp)| {
+                            prefer(p.score, v.name, bp.score, views[*b].name)
+                        });
+                        if better {
+                            best = Some((i, p));
+                        }
+                    }
+                    Err(e) => unfit.push((i, e)),
+                }
+            }
+            let (choice, got_unfit) = choose_node(policy, &views, &pod, &filter);
+            prop_assert_eq!(choice.map(|c| (c.node, c.placement)), best);
+            prop_assert_eq!(got_unfit, unfit);
         }
 
         #[test]
