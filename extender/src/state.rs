@@ -60,6 +60,8 @@ pub(crate) struct NodeSlot {
     pub ledger: KeyedLedger<Uid>,
     /// Charges that did not fit, retried when capacity is released.
     pub pending: BTreeMap<Uid, Assignment>,
+    /// The node's labels (quota pools and models), shared with the admission webhook.
+    pub labels: Arc<BTreeMap<String, String>>,
 }
 
 impl NodeSlot {
@@ -70,6 +72,7 @@ impl NodeSlot {
             gpu: NodeGpu::Missing,
             ledger: KeyedLedger::new(NodeLedger::from_blocks([])),
             pending: BTreeMap::new(),
+            labels: Arc::default(),
         }
     }
 
@@ -267,6 +270,11 @@ pub(crate) struct Inner {
     held: HashMap<Uid, Held>,
     /// Card counts by model, then by memory (MiB), over every node with an inventory.
     cards_by_model: BTreeMap<String, BTreeMap<u64, usize>>,
+    /// Bumped whenever a node's presence, inventory or labels change (the webhook rebuilds
+    /// its per-model card summary only then).
+    node_generation: u64,
+    /// The GPU pods as the admission webhook reads them: only the fields quota needs.
+    slim: HashMap<Uid, Arc<Pod>>,
 }
 
 impl Inner {
@@ -523,6 +531,7 @@ impl Inner {
         if let Some(rec) = self.pods.remove(uid) {
             self.unindex_namespace(uid, &rec.pod.namespace);
         }
+        self.slim.remove(uid);
         self.reservations.remove(uid);
         self.reconcile(&key);
     }
@@ -816,11 +825,17 @@ impl ClusterState {
             return;
         };
         let gpu = node_gpu(node, &self.keys);
+        let labels = node.metadata.labels.clone().unwrap_or_default();
         let mut inner = self.write();
         let i = inner.slot_index(name);
         if !inner.slots[i].present {
             inner.slots[i].present = true;
             inner.sync(i);
+            inner.node_generation += 1;
+        }
+        if *inner.slots[i].labels != labels {
+            inner.slots[i].labels = Arc::new(labels);
+            inner.node_generation += 1;
         }
         let unchanged = match (&inner.slots[i].gpu, &gpu) {
             (NodeGpu::Ready { inv: a, .. }, NodeGpu::Ready { inv: b, .. }) => a == b,
@@ -833,6 +848,7 @@ impl ClusterState {
                 tracing::warn!(node = name, %problem, "node inventory is invalid; the node gets no GPU pods");
             }
             inner.set_gpu(i, gpu);
+            inner.node_generation += 1;
         }
     }
 
@@ -840,6 +856,7 @@ impl ClusterState {
     pub fn delete_node(&self, name: &str) {
         let mut inner = self.write();
         if let Some(&i) = inner.index.get(name.as_bytes()) {
+            inner.node_generation += 1;
             inner.slots[i].present = false;
             inner.set_gpu(i, NodeGpu::Missing);
             inner.sync(i);
@@ -868,7 +885,12 @@ impl ClusterState {
             return;
         };
         match GpuPod::parse(pod, &self.names, &self.keys) {
-            Ok(p) => self.write().upsert_pod(p),
+            Ok(p) => {
+                let slim = Arc::new(slim_pod(pod));
+                let mut inner = self.write();
+                inner.upsert_pod(p);
+                inner.slim.insert(Uid::from(uid), slim);
+            }
             Err(not_gpu) => {
                 if let NotGpu::Invalid(problem) = not_gpu {
                     tracing::debug!(pod = uid, %problem, "pod's GPU request is invalid; it is not accounted");
@@ -969,6 +991,37 @@ impl ClusterState {
             .copied()
     }
 
+    /// Changes whenever a node appears or disappears, or its inventory or labels change.
+    pub fn node_generation(&self) -> u64 {
+        self.read().node_generation
+    }
+
+    /// Visit every present node with a valid GPU inventory: name, labels, inventory.
+    pub fn for_each_gpu_node(
+        &self,
+        visit: &mut dyn FnMut(&str, &BTreeMap<String, String>, &NodeInventory),
+    ) {
+        let inner = self.read();
+        for slot in inner.slots.iter().filter(|s| s.present) {
+            if let NodeGpu::Ready { inv, .. } = &slot.gpu {
+                visit(&slot.name, &slot.labels, inv);
+            }
+        }
+    }
+
+    /// The live GPU pods of a namespace as Pod objects reduced to what quota accounting reads
+    /// (metadata, containers' resources, node name and selectors, affinity, phase).
+    pub fn namespace_gpu_pods(&self, namespace: &str) -> Vec<Arc<Pod>> {
+        let inner = self.read();
+        inner
+            .namespaces
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| inner.slim.get(uid).cloned())
+            .collect()
+    }
+
     /// The live GPU pods of a namespace (not Succeeded or Failed), sorted by name, with their
     /// requests and placement.
     pub fn gpu_pods_in_namespace(&self, namespace: &str) -> Vec<GpuPodInfo> {
@@ -1064,6 +1117,50 @@ fn info(inner: &Inner, rec: &PodRecord) -> GpuPodInfo {
 }
 
 /// Decode a node's inventory annotation.
+/// A copy of a pod with only what the admission webhook's quota accounting reads, so keeping
+/// every GPU pod costs a fraction of the full object.
+fn slim_pod(pod: &Pod) -> Pod {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, ResourceRequirements};
+    let slim_container = |c: &Container| Container {
+        name: c.name.clone(),
+        resources: c.resources.as_ref().map(|r| ResourceRequirements {
+            limits: r.limits.clone(),
+            requests: r.requests.clone(),
+            ..Default::default()
+        }),
+        restart_policy: c.restart_policy.clone(),
+        ..Default::default()
+    };
+    let m = &pod.metadata;
+    Pod {
+        metadata: kube::api::ObjectMeta {
+            name: m.name.clone(),
+            namespace: m.namespace.clone(),
+            uid: m.uid.clone(),
+            annotations: m.annotations.clone(),
+            labels: m.labels.clone(),
+            deletion_timestamp: m.deletion_timestamp.clone(),
+            ..Default::default()
+        },
+        spec: pod.spec.as_ref().map(|s| PodSpec {
+            containers: s.containers.iter().map(slim_container).collect(),
+            init_containers: s
+                .init_containers
+                .as_ref()
+                .map(|v| v.iter().map(slim_container).collect()),
+            node_name: s.node_name.clone(),
+            node_selector: s.node_selector.clone(),
+            affinity: s.affinity.clone(),
+            scheduler_name: s.scheduler_name.clone(),
+            ..Default::default()
+        }),
+        status: pod.status.as_ref().map(|s| PodStatus {
+            phase: s.phase.clone(),
+            ..Default::default()
+        }),
+    }
+}
+
 fn node_gpu(node: &Node, keys: &Keys) -> NodeGpu {
     let Some(raw) = node
         .metadata
@@ -1214,6 +1311,66 @@ mod tests {
         s.apply_pod(&placed_done);
         assert_eq!(free(&s, "n1"), vec![90, 100]);
         assert_eq!(s.gpu_pods_in_namespace("ml").len(), 1);
+    }
+
+    #[test]
+    fn the_webhook_sees_gpu_nodes_with_labels_and_a_generation_that_moves_on_change() {
+        let s = state();
+        let g0 = s.node_generation();
+        let mut labelled = node("n1", Some(&inv(2, "Tesla T4", 15109)));
+        labelled.metadata.labels = Some([("pool".to_string(), "public".to_string())].into());
+        s.apply_node(&labelled);
+        s.apply_node(&node("cpu", None));
+        let g1 = s.node_generation();
+        assert!(g1 > g0);
+        let mut seen = Vec::new();
+        s.for_each_gpu_node(&mut |name, labels, inv| {
+            seen.push((name.to_string(), labels.get("pool").cloned(), inv.len()));
+        });
+        assert_eq!(seen, [("n1".to_string(), Some("public".to_string()), 2)]);
+        // The same object again changes nothing; a label change does.
+        s.apply_node(&labelled);
+        assert_eq!(s.node_generation(), g1);
+        labelled.metadata.labels = Some([("pool".to_string(), "private".to_string())].into());
+        s.apply_node(&labelled);
+        assert!(s.node_generation() > g1);
+        let g2 = s.node_generation();
+        s.delete_node("n1");
+        assert!(s.node_generation() > g2);
+    }
+
+    #[test]
+    fn the_webhook_reads_slim_gpu_pods_of_a_namespace_until_they_end() {
+        let s = state();
+        s.apply_node(&node("n1", Some(&inv(2, "Tesla T4", 15109))));
+        let mut p = pod("ml", "train", 30, 4, Some("n1"), Some("1"));
+        p.spec.as_mut().unwrap().containers[0].image = Some("big/image".into());
+        s.apply_pod(&p);
+        s.apply_pod(&pod("ml", "cpu-only", 0, 0, Some("n1"), None));
+        let pods = s.namespace_gpu_pods("ml");
+        assert_eq!(pods.len(), 1);
+        let slim = &pods[0];
+        assert_eq!(slim.metadata.name.as_deref(), Some("train"));
+        let c = &slim.spec.as_ref().unwrap().containers[0];
+        assert_eq!(c.image, None, "only what quota reads is kept");
+        assert!(c
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap()
+            .contains_key("tencent.com/vcuda-core"));
+        assert_eq!(
+            slim.metadata.annotations.as_ref().unwrap()["tencent.com/predicate-gpu-idx-0"],
+            "1"
+        );
+        p.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        s.apply_pod(&p);
+        assert!(s.namespace_gpu_pods("ml").is_empty());
+        s.apply_pod(&pod("ml", "again", 30, 4, None, None));
+        s.delete_pod("uid-ml-again");
+        assert!(s.namespace_gpu_pods("ml").is_empty());
     }
 
     #[test]
