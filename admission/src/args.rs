@@ -64,8 +64,10 @@ pub struct WebhookArgs {
     #[arg(long, env = "GPU_ADMISSION_DEFAULT_VCUDA_MEMORY", value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub default_vcuda_memory: Option<u32>,
 
-    /// Domain of the extended resources and annotations (`<domain>/vcuda-core`).
-    #[arg(long, env = "GPU_ADMISSION_RESOURCE_DOMAIN", default_value = gm_core::resources::DEFAULT_DOMAIN)]
+    /// Domain of the extended resources and annotations (`<domain>/vcuda-core`). Not a flag of
+    /// its own: `gpu-admission serve` has one `--resource-domain` for the extender and the
+    /// webhook and copies it here.
+    #[arg(skip = gm_core::resources::DEFAULT_DOMAIN.to_string())]
     pub resource_domain: String,
 
     /// Read GpuQuota objects (gpu.tkestack.io/v1alpha1) and publish their usage.
@@ -105,6 +107,9 @@ pub struct WebhookArgs {
 struct Standalone {
     #[command(flatten)]
     args: WebhookArgs,
+    /// Domain of the extended resources and annotations.
+    #[arg(long, env = "GPU_ADMISSION_RESOURCE_DOMAIN", default_value = gm_core::resources::DEFAULT_DOMAIN)]
+    resource_domain: String,
 }
 
 impl WebhookArgs {
@@ -114,7 +119,10 @@ impl WebhookArgs {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        Standalone::try_parse_from(flags).map(|s| s.args)
+        Standalone::try_parse_from(flags).map(|s| WebhookArgs {
+            resource_domain: s.resource_domain,
+            ..s.args
+        })
     }
 }
 

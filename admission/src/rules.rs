@@ -50,7 +50,7 @@ pub fn who(slot: Slot) -> &'static str {
 
 /// Render MiB as GiB when whole.
 pub fn fmt_mib(mib: u64) -> String {
-    if mib % 1024 == 0 {
+    if mib.is_multiple_of(1024) {
         format!("{} GiB", mib / 1024)
     } else {
         format!("{mib} MiB")

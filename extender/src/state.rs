@@ -33,6 +33,9 @@ use crate::hash::{FastMap, NameKey};
 /// A pod UID.
 pub type Uid = Arc<str>;
 
+/// A callback over GPU nodes: name, labels, inventory.
+pub type GpuNodeVisitor<'a> = dyn FnMut(&str, &BTreeMap<String, String>, &NodeInventory) + 'a;
+
 /// What the extender knows about one node's GPUs.
 #[derive(Debug, Clone)]
 pub(crate) enum NodeGpu {
@@ -997,10 +1000,7 @@ impl ClusterState {
     }
 
     /// Visit every present node with a valid GPU inventory: name, labels, inventory.
-    pub fn for_each_gpu_node(
-        &self,
-        visit: &mut dyn FnMut(&str, &BTreeMap<String, String>, &NodeInventory),
-    ) {
+    pub fn for_each_gpu_node(&self, visit: &mut GpuNodeVisitor<'_>) {
         let inner = self.read();
         for slot in inner.slots.iter().filter(|s| s.present) {
             if let NodeGpu::Ready { inv, .. } = &slot.gpu {
