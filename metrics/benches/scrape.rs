@@ -9,8 +9,7 @@
 //!
 //! Budget: one full scrape ≤ 10 ms.
 
-#[path = "../tests/fixtures/mod.rs"]
-mod fixtures;
+use gm_testkit::cgroup as fixtures;
 
 use std::hint::black_box;
 use std::sync::Arc;

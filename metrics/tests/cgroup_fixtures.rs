@@ -1,13 +1,13 @@
 //! PID → container mapping on fixture trees, one per combination of cgroup version, driver,
-//! runtime and QoS class (see `fixtures/mod.rs`).
+//! runtime and QoS class (built by `gm_testkit::cgroup`).
 
-mod fixtures;
-
-use fixtures::{all_combos, combo_node, container_id, pod_uid, FixtureContainer, HostProcess};
 use gm_metrics::cgroup::{
     detect_layout, CgroupConfig, LookupSource, PidLookup, PidResolver, QosClass,
 };
 use gm_metrics::{CgroupDriver, CgroupVersion};
+use gm_testkit::cgroup::{
+    self as fixtures, all_combos, combo_node, container_id, pod_uid, FixtureContainer, HostProcess,
+};
 
 fn gpu_container(seed: u32, combo: fixtures::Combo) -> FixtureContainer {
     FixtureContainer {

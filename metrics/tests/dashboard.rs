@@ -2,7 +2,6 @@
 //! cluster, node, card and pod views, queries that parse (promtool) and only use families the
 //! server exposes.
 
-mod fixtures;
 mod support;
 
 use std::collections::BTreeSet;

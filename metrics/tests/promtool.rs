@@ -1,7 +1,6 @@
 //! The Prometheus text exposition checked by an independent parser and linter: `promtool
 //! check metrics` from Debian's prometheus package (installed by scripts/test.sh).
 
-mod fixtures;
 mod support;
 
 use std::io::Write;

@@ -1,6 +1,5 @@
 //! The :5678 endpoints over a simulated node with workloads, in process.
 
-mod fixtures;
 mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -552,10 +551,11 @@ async fn scrapes_within_the_cache_ttl_share_one_backend_sample() {
 async fn a_host_process_on_a_card_is_counted_unmapped_with_its_reason() {
     let node = sim_node();
     // PID 41390 now runs outside Kubernetes (e.g. a debugging session on the host).
-    node.fixture.add_host_process(&fixtures::HostProcess {
-        pid: 41390,
-        cgroup: "/user.slice/user-0.slice/session-4.scope".into(),
-    });
+    node.fixture
+        .add_host_process(&gm_testkit::cgroup::HostProcess {
+            pid: 41390,
+            cgroup: "/user.slice/user-0.slice/session-4.scope".into(),
+        });
     let router = node.router();
     let (_, _, body) = get(&router, "/metrics", None).await;
     let s = parse_samples(&body);

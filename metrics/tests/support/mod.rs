@@ -1,4 +1,4 @@
-//! A simulated node with workloads, for the server, promtool and real-Prometheus tests.
+//! A simulated node with workloads, for the server, promtool and dashboard tests.
 //!
 //! The node is `deploy/examples/nodes/h100-sxm-8.yaml` played by gm-backend's simulated
 //! backend at a fixed time (40 s after start, so all four scripted processes run). Four
@@ -34,14 +34,19 @@ use gm_metrics::{
 };
 use tower::ServiceExt;
 
-use crate::fixtures::{self, FixtureContainer, FixtureNode, Runtime};
+use gm_testkit::cgroup::{self as fixtures, FixtureContainer, FixtureNode, Runtime};
+#[allow(unused_imports)] // used by the promtool and dashboard tests
+pub use gm_testkit::{
+    grafana::{dashboard, dashboard_queries},
+    prometheus::tool,
+};
 
 /// The node name in the snapshot and in every `node` label.
 pub const NODE: &str = "sim-h100";
 
 /// The simulated node file.
 pub fn node_file() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/nodes/h100-sxm-8.yaml")
+    gm_testkit::example_node("h100-sxm-8.yaml")
 }
 
 /// One container of the simulated workload.
@@ -411,47 +416,4 @@ pub fn with(
     let mut v = labels.to_vec();
     v.push(extra);
     v
-}
-
-/// The path of an outside tool, or a failure telling how to install it.
-pub fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "{name} is not installed. Run scripts/test.sh, which installs Debian's prometheus \
-             package (prometheus and promtool) when it is missing, or install it yourself: \
-             apt-get install prometheus"
-        )
-    })
-}
-
-/// The Grafana dashboard shipped in deploy/grafana/.
-pub fn dashboard() -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/gpu-manager.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: invalid JSON: {e}", path.display()))
-}
-
-/// Every PromQL expression of the dashboard's panels, as (panel title, expression) with the
-/// template variables replaced by what "All" and a Grafana interval give.
-pub fn dashboard_queries() -> Vec<(String, String)> {
-    let d = dashboard();
-    let mut out = Vec::new();
-    for p in d["panels"].as_array().into_iter().flatten() {
-        for t in p["targets"].as_array().into_iter().flatten() {
-            let expr = t["expr"].as_str().unwrap_or_default();
-            out.push((
-                p["title"].as_str().unwrap_or_default().to_string(),
-                expr.replace("$__rate_interval", "1m")
-                    .replace("$node", ".*")
-                    .replace("$namespace", ".*")
-                    .replace("$pod", ".*"),
-            ));
-        }
-    }
-    out
 }
