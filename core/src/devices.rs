@@ -712,6 +712,45 @@ pub fn match_container(
     order.first().map(|&i| (i, MatchQuality::Disagrees))
 }
 
+/// One GPU container the kubelet has yet to allocate devices for: its request and the cards
+/// the scheduler assigned it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AwaitingContainer<'a> {
+    pub request: GpuRequest,
+    pub cards: &'a [u32],
+}
+
+/// Could the kubelet's anonymous device requests hand a container of `a` the devices meant
+/// for a container of `b` (or the other way round)?
+///
+/// `GetPreferredAllocation` and `Allocate` name no pod, and the kubelet admits the pods bound
+/// to a node in an order the device plugin cannot see (each watch batch sorted by creation
+/// time, which has one-second resolution). [`match_container`] tells containers apart by
+/// request size alone (vcuda-core IDs; share memory blocks), so two containers waiting for
+/// devices at the same time are interchangeable only when they have the same cards. Returns
+/// the first pair (positions in `a` and `b`) with equal vcuda-core counts or equal share memory
+/// blocks on different cards; `None` when the kubelet may admit them in any order.
+pub fn confusable(
+    a: &[AwaitingContainer<'_>],
+    b: &[AwaitingContainer<'_>],
+) -> Option<(usize, usize)> {
+    for (i, x) in a.iter().enumerate() {
+        for (j, y) in b.iter().enumerate() {
+            if x.cards == y.cards {
+                continue;
+            }
+            let same_cores = x.request.cores() == y.request.cores();
+            let same_blocks = x.request.is_share()
+                && y.request.is_share()
+                && x.request.share_blocks() == y.request.share_blocks();
+            if same_cores || same_blocks {
+                return Some((i, j));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -730,6 +769,55 @@ mod tests {
 
     fn ids(prefix: &str, card: u32, ks: std::ops::Range<u32>) -> Vec<String> {
         ks.map(|k| format!("{prefix}-{card}-{k}")).collect()
+    }
+
+    fn waiting(request: GpuRequest, cards: &[u32]) -> AwaitingContainer<'_> {
+        AwaitingContainer { request, cards }
+    }
+
+    #[test]
+    fn same_sized_containers_on_different_cards_are_confusable_and_on_one_card_are_not() {
+        let share = |cores, blocks| GpuRequest::Share { cores, blocks };
+        let c5 = [5u32];
+        let c6 = [6u32];
+        // Same vcuda-core count, different cards: the kubelet may swap them.
+        assert_eq!(
+            confusable(&[waiting(share(10, 4), &c5)], &[waiting(share(10, 8), &c6)]),
+            Some((0, 0))
+        );
+        // Same memory blocks, different cards: the memory half may be swapped.
+        assert_eq!(
+            confusable(&[waiting(share(10, 4), &c5)], &[waiting(share(20, 4), &c6)]),
+            Some((0, 0))
+        );
+        // Same card: whichever the kubelet admits first gets devices of the right card.
+        assert_eq!(
+            confusable(&[waiting(share(10, 4), &c5)], &[waiting(share(10, 4), &c5)]),
+            None
+        );
+        // Different sizes in both halves: told apart by size.
+        assert_eq!(
+            confusable(&[waiting(share(10, 4), &c5)], &[waiting(share(20, 8), &c6)]),
+            None
+        );
+        // Whole cards: one card each on different cards are confusable; 1 vs 2 cards are not.
+        let w = |cards| GpuRequest::Whole { cards };
+        assert_eq!(
+            confusable(&[waiting(w(1), &[0])], &[waiting(w(1), &[1])]),
+            Some((0, 0))
+        );
+        assert_eq!(
+            confusable(&[waiting(w(1), &[0])], &[waiting(w(2), &[1, 2])]),
+            None
+        );
+        // The pair named is the first confusable one, by position.
+        assert_eq!(
+            confusable(
+                &[waiting(share(30, 2), &c5), waiting(share(10, 1), &c5)],
+                &[waiting(share(50, 9), &c6), waiting(share(10, 3), &c6)]
+            ),
+            Some((1, 1))
+        );
     }
 
     #[test]

@@ -33,9 +33,12 @@ use std::fmt;
 
 use serde::Deserialize;
 
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+
 use crate::annotations::{CardFilter, ModelFilter};
 use crate::inventory::NodeInventory;
-use crate::ledger::{container_charges, pod_assignment, Assignment, NodeLedger};
+use crate::ledger::{container_charges, pod_assignment, Assignment, CardState, NodeLedger};
+use crate::quantity::{self, QuantityError};
 use crate::request::{GpuRequest, PodGpuRequest, Slot};
 use crate::resources::CORES_PER_CARD;
 
@@ -915,6 +918,335 @@ pub struct FgdPlacement {
     pub score: i64,
 }
 
+/// Free vcuda-core per card as FGD reads a node: a card's free capacity when it is healthy,
+/// 0 when it is not (a card the node cannot offer). At most [`MAX_CARDS`] cards.
+#[derive(Debug, Clone, Copy)]
+pub struct FreeCards {
+    free: [u32; MAX_CARDS],
+    len: usize,
+}
+
+impl FreeCards {
+    /// From a node's card states; bit i of `healthy` says card i is healthy.
+    pub fn of(cards: &[CardState], healthy: u64) -> Self {
+        let mut free = [0u32; MAX_CARDS];
+        let len = cards.len().min(MAX_CARDS);
+        for (i, c) in cards.iter().take(len).enumerate() {
+            if (healthy >> i) & 1 == 1 {
+                free[i] = c.free_cores;
+            }
+        }
+        Self { free, len }
+    }
+
+    pub fn as_slice(&self) -> &[u32] {
+        &self.free[..self.len]
+    }
+}
+
+/// The healthy cards of an inventory (bit i = card i; cards beyond [`MAX_CARDS`] left out).
+pub fn healthy_cards(inventory: &NodeInventory) -> u64 {
+    inventory
+        .cards
+        .iter()
+        .filter(|c| c.healthy && (c.index as usize) < MAX_CARDS)
+        .fold(0, |m, c| m | 1u64 << c.index)
+}
+
+/// The cards a container request may use among `usable` (bit i = card i): enough free
+/// vcuda-core and memory blocks for a share, completely free for whole cards.
+pub fn eligible_cards(cards: &[CardState], usable: u64, request: &GpuRequest) -> u64 {
+    cards
+        .iter()
+        .take(MAX_CARDS)
+        .enumerate()
+        .filter(|(i, c)| {
+            (usable >> i) & 1 == 1
+                && match *request {
+                    GpuRequest::Share { cores, blocks } => {
+                        c.free_cores >= cores && c.free_blocks >= blocks
+                    }
+                    GpuRequest::Whole { .. } => c.is_free(),
+                }
+        })
+        .fold(0, |m, (i, _)| m | 1u64 << i)
+}
+
+/// What a whole pod asks of a node's GPUs in its steady state, as one [`Demand`] (the unit of
+/// a task type): nothing for a pod whose only GPU containers are regular init containers;
+/// one share for a single share (or several shares that add up to less than a card); else
+/// whole cards — the whole cards of all long-running containers plus the shares rounded up to
+/// cards.
+pub fn pod_demand(pod: &PodGpuRequest) -> Demand {
+    let (mut whole, mut share_cores, mut shares) = (0u32, 0u32, 0u32);
+    for c in pod.containers.iter().filter(|c| c.long_running()) {
+        match c.request {
+            GpuRequest::Whole { cards } => whole = whole.saturating_add(cards),
+            GpuRequest::Share { cores, .. } => {
+                share_cores = share_cores.saturating_add(cores);
+                shares += 1;
+            }
+        }
+    }
+    match (whole, shares) {
+        (0, 0) => Demand::CpuOnly,
+        (0, _) if share_cores < CORES_PER_CARD => Demand::Share { cores: share_cores },
+        (w, _) => Demand::Whole {
+            cards: w.saturating_add(share_cores.div_ceil(CORES_PER_CARD)),
+        },
+    }
+}
+
+impl TaskType {
+    /// The task type of a pod: its CPU request (milli-cores), its [`pod_demand`] and its
+    /// allowed GPU models (the `gpu-models` annotation; empty = any).
+    pub fn of_pod<S: AsRef<str>>(
+        cpu_milli: u64,
+        pod: &PodGpuRequest,
+        models: impl IntoIterator<Item = S>,
+    ) -> Self {
+        Self::new(cpu_milli, pod_demand(pod), models)
+    }
+}
+
+/// A CPU quantity (`"500m"`, `"2"`, `"1.5"`, `"2k"`, `"1e3"`) in milli-cores, rounded up.
+pub fn cpu_milli(quantity: &str) -> Result<u64, QuantityError> {
+    let t = quantity.trim();
+    let body = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let num_len = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
+    let suffix = &body[num_len..];
+    let number = &t[..t.len() - suffix.len()];
+    // × 1000: the next decimal suffix up, or the exponent plus 3.
+    let shifted = match suffix {
+        "" => Some("k"),
+        "n" => Some("u"),
+        "u" => Some("m"),
+        "m" => Some(""),
+        "k" => Some("M"),
+        "M" => Some("G"),
+        "G" => Some("T"),
+        "T" => Some("P"),
+        "P" => Some("E"),
+        "E" => Some("e21"),
+        _ => None,
+    };
+    let milli = match shifted {
+        Some(suf) => quantity::parse(&format!("{number}{suf}"))?.ceil,
+        None => match suffix
+            .strip_prefix(['e', 'E'])
+            .and_then(|e| e.parse::<i32>().ok())
+        {
+            Some(e) => quantity::parse(&format!("{number}e{}", e.saturating_add(3)))?.ceil,
+            // Binary suffixes (Ki, Mi, ...) and anything the parser refuses.
+            None => quantity::parse(t)?
+                .ceil
+                .checked_mul(1000)
+                .ok_or_else(|| QuantityError::TooLarge(quantity.to_string()))?,
+        },
+    };
+    u64::try_from(milli).map_err(|_| QuantityError::Negative(quantity.to_string()))
+}
+
+/// A pod's CPU request in milli-cores, counted as kube-scheduler counts it: the app
+/// containers and restartable (sidecar) init containers add up, a regular init container needs
+/// itself plus the sidecars started before it, the larger of the two counts, plus the pod
+/// overhead. A container without a CPU request counts its CPU limit (the API server's
+/// default), else 0. The error names the container and the value.
+pub fn pod_cpu_milli(spec: &PodSpec) -> Result<u64, String> {
+    let of = |c: &Container| -> Result<u64, String> {
+        let r = c.resources.as_ref();
+        let q = r
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|m| m.get("cpu"))
+            .or_else(|| r.and_then(|r| r.limits.as_ref()).and_then(|m| m.get("cpu")));
+        match q {
+            None => Ok(0),
+            Some(q) => cpu_milli(&q.0).map_err(|e| format!("container {:?}: cpu: {e}", c.name)),
+        }
+    };
+    let mut sidecars = 0u64;
+    let mut peak = 0u64;
+    for c in spec.init_containers.iter().flatten() {
+        let m = of(c)?;
+        if c.restart_policy.as_deref() == Some("Always") {
+            sidecars = sidecars.saturating_add(m);
+        } else {
+            peak = peak.max(sidecars.saturating_add(m));
+        }
+    }
+    let mut steady = sidecars;
+    for c in &spec.containers {
+        steady = steady.saturating_add(of(c)?);
+    }
+    let overhead = match spec.overhead.as_ref().and_then(|o| o.get("cpu")) {
+        Some(q) => cpu_milli(&q.0).map_err(|e| format!("overhead: cpu: {e}"))?,
+        None => 0,
+    };
+    Ok(peak.max(steady).saturating_add(overhead))
+}
+
+impl Fgd {
+    /// The node's fragmentation as [`Fgd::place_pod`] measures it before placing anything:
+    /// from its card states, `healthy` its healthy cards, `cpu_free` as in [`FgdNode`]. It
+    /// only changes with the node, so callers may cache it.
+    pub fn node_fragmentation(
+        &self,
+        access: &NodeAccess,
+        cards: &[CardState],
+        healthy: u64,
+        cpu_free: Option<u64>,
+    ) -> f64 {
+        self.fragmentation(
+            access,
+            cpu_free.unwrap_or(u64::MAX),
+            FreeCards::of(cards, healthy).as_slice(),
+        )
+    }
+
+    /// [`Fgd::place_pod`]'s gradient and cards for a pod whose only GPU container is the
+    /// long-running `request`, from the node's card states alone and without allocating:
+    /// `healthy` the node's healthy cards, `usable` the healthy cards the pod's constraints
+    /// allow, `base` the node's [`Fgd::node_fragmentation`]. `None` when it does not fit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn evaluate_cards(
+        &self,
+        access: &NodeAccess,
+        cards: &[CardState],
+        healthy: u64,
+        usable: u64,
+        cpu_free: Option<u64>,
+        base: f64,
+        pod_cpu: u64,
+        request: &GpuRequest,
+    ) -> Option<Evaluation> {
+        if cards.len() > MAX_CARDS {
+            return None;
+        }
+        let cpu = cpu_free.unwrap_or(u64::MAX);
+        let free = FreeCards::of(cards, healthy);
+        let eligible = eligible_cards(cards, usable, request);
+        match (self.measure, *request) {
+            (Measure::Paper, GpuRequest::Share { cores, .. }) => self.evaluate_share_paper(
+                access,
+                cpu,
+                free.as_slice(),
+                base,
+                pod_cpu,
+                cores,
+                eligible,
+            ),
+            _ => self.evaluate(
+                access,
+                cpu,
+                free.as_slice(),
+                base,
+                pod_cpu,
+                Demand::of_request(request),
+                eligible,
+                CardPick::Exact,
+            ),
+        }
+    }
+
+    /// [`Fgd::evaluate`] of a share under the paper's measure with [`CardPick::Exact`], in
+    /// O(types) per candidate card instead of O(types × cards): each type's fitting cards and
+    /// their free capacity are counted once, and a candidate only moves one card. The
+    /// arithmetic (and the order of the floating-point sums) is the same, so the result is
+    /// identical.
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate_share_paper(
+        &self,
+        access: &NodeAccess,
+        cpu_free: u64,
+        free: &[u32],
+        base: f64,
+        pod_cpu: u64,
+        cores: u32,
+        eligible: u64,
+    ) -> Option<Evaluation> {
+        if cpu_free < pod_cpu || free.len() > MAX_CARDS {
+            return None;
+        }
+        let cpu_after = cpu_free - pod_cpu;
+        let total: u32 = free.iter().sum();
+        let n = self.prob.len();
+        // Per type: cards it may use with enough free capacity, and their free capacity.
+        let mut fit = Vec::with_capacity(n);
+        let mut usable = Vec::with_capacity(n);
+        for i in 0..n {
+            let (mask, d) = (access.masks[i], self.per_card[i]);
+            let (mut f, mut u) = (0u32, 0u32);
+            for (g, &x) in free.iter().enumerate() {
+                if x >= d && (mask >> g) & 1 == 1 {
+                    f += 1;
+                    u += x;
+                }
+            }
+            fit.push(f);
+            usable.push(u);
+        }
+        let mut seen: u128 = 0;
+        let mut best: Option<Evaluation> = None;
+        for (g, &x) in free.iter().enumerate() {
+            if x < cores || (eligible >> g) & 1 == 0 {
+                continue;
+            }
+            if access.uniform && x <= 127 {
+                // Cards with equal free capacity give the same result on such nodes.
+                if (seen >> x) & 1 == 1 {
+                    continue;
+                }
+                seen |= 1 << x;
+            }
+            let y = x - cores;
+            let t = total - cores;
+            let after = if t == 0 {
+                0.0
+            } else {
+                let all = f64::from(t);
+                let mut frag = self.cpu_only * all;
+                for i in 0..n {
+                    let p = self.prob[i];
+                    let mask = access.masks[i];
+                    if mask == 0 || cpu_after < self.cpu[i] {
+                        frag += p * all;
+                        continue;
+                    }
+                    let d = self.per_card[i];
+                    let (mut f, mut u) = (fit[i], usable[i]);
+                    if (mask >> g) & 1 == 1 {
+                        if x >= d {
+                            f -= 1;
+                            u -= x;
+                        }
+                        if y >= d {
+                            f += 1;
+                            u += y;
+                        }
+                    }
+                    frag += p * if f >= self.cards[i] {
+                        f64::from(t - u)
+                    } else {
+                        all
+                    };
+                }
+                frag
+            };
+            let e = Evaluation {
+                delta: after - base,
+                frag_after: after,
+                cards: 1 << g,
+            };
+            if best.as_ref().is_none_or(|b| e.delta < b.delta) {
+                best = Some(e);
+            }
+        }
+        best
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1282,5 +1614,136 @@ mod tests {
             .unwrap();
         assert_eq!(p.cards[&Slot::App(0)], p.cards[&Slot::App(1)]);
         assert!(empty.check(&p.assignment).is_ok());
+    }
+
+    #[test]
+    fn cpu_quantities_read_in_milli_cores_rounded_up() {
+        for (q, want) in [
+            ("500m", 500),
+            ("2", 2000),
+            ("1.5", 1500),
+            ("0.0015", 2),
+            ("1.5m", 2),
+            ("2k", 2_000_000),
+            ("1e3", 1_000_000),
+            ("1E-3", 1),
+            ("1Ki", 1_024_000),
+            ("250000u", 250),
+            ("+3", 3000),
+        ] {
+            assert_eq!(cpu_milli(q), Ok(want), "{q}");
+        }
+        for bad in ["", "abc", "1x", "-2", "1e"] {
+            assert!(cpu_milli(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_pods_cpu_counts_sidecars_init_peaks_limits_and_overhead() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "initContainers": [
+                {"name": "side", "restartPolicy": "Always", "resources": {"requests": {"cpu": "500m"}}},
+                {"name": "init", "resources": {"limits": {"cpu": "4"}}},
+            ],
+            "containers": [
+                {"name": "a", "resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "8"}}},
+                {"name": "b"},
+            ],
+            "overhead": {"cpu": "100m"},
+        }))
+        .unwrap();
+        // Init peak 0.5 + 4 = 4.5 cores beats the steady 0.5 + 1; plus 0.1 overhead.
+        assert_eq!(pod_cpu_milli(&spec), Ok(4600));
+        let bad: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "a", "resources": {"requests": {"cpu": "lots"}}}],
+        }))
+        .unwrap();
+        let e = pod_cpu_milli(&bad).unwrap_err();
+        assert!(e.starts_with("container \"a\": cpu: \"lots\""), "{e}");
+    }
+
+    #[test]
+    fn a_pods_demand_is_its_steady_gpu_use() {
+        let share = |cores| Some(GpuRequest::Share { cores, blocks: 1 });
+        let whole = |cards| Some(GpuRequest::Whole { cards });
+        let d = |reqs: Vec<Option<GpuRequest>>| pod_demand(&PodGpuRequest::from_app_requests(reqs));
+        assert_eq!(d(vec![share(30)]), Demand::Share { cores: 30 });
+        assert_eq!(d(vec![share(30), share(40)]), Demand::Share { cores: 70 });
+        assert_eq!(d(vec![share(60), share(60)]), Demand::Whole { cards: 2 });
+        assert_eq!(d(vec![whole(2), share(10)]), Demand::Whole { cards: 3 });
+        assert_eq!(d(vec![None]), Demand::CpuOnly);
+        let t = TaskType::of_pod(2000, &PodGpuRequest::from_app_requests([whole(1)]), ["T4"]);
+        assert_eq!(t, TaskType::new(2000, Demand::Whole { cards: 1 }, ["T4"]));
+    }
+
+    /// A node of `n` cards, each with (used cores, used blocks, healthy, V100 rather than
+    /// T4), and its ledger.
+    fn node_state(cards: &[(u32, u32, bool, bool)]) -> (NodeInventory, NodeLedger) {
+        let mut inv = NodeInventory::uniform(cards.len(), "Tesla T4", 16 * 1024, Link::Phb);
+        let mut ledger = NodeLedger::new(&inv);
+        for (i, &(cores, blocks, healthy, v100)) in cards.iter().enumerate() {
+            inv.cards[i].healthy = healthy;
+            if v100 {
+                inv.cards[i].model = "Tesla V100".into();
+            }
+            let total = ledger.cards()[i].total_blocks;
+            let a = if cores >= CORES_PER_CARD {
+                Assignment::whole(&[i as u32])
+            } else {
+                Assignment::share(i as u32, cores, blocks.min(total))
+            };
+            if cores > 0 {
+                ledger.allocate(&a).unwrap();
+            }
+        }
+        (inv, ledger)
+    }
+
+    /// `workload()` plus a 30-core share that only runs on V100s.
+    fn mixed_workload() -> Fgd {
+        let mut types: Vec<(TaskType, f64)> = workload()
+            .workload()
+            .types()
+            .iter()
+            .map(|w| (w.task.clone(), w.probability))
+            .collect();
+        types.push((
+            TaskType::new(500, Demand::Share { cores: 30 }, ["V100"]),
+            0.3,
+        ));
+        Fgd::new(TargetWorkload::select(types, 1.0).unwrap())
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The allocation-free single-container path decides exactly what place_pod decides.
+        #[test]
+        fn evaluating_card_states_matches_place_pod(
+            cards in prop::collection::vec((0u32..=10, 0u32..80, prop::bool::weighted(0.9), prop::bool::weighted(0.3)), 1..9),
+            req in prop_oneof![
+                (1u32..100, 0u32..40).prop_map(|(c, b)| GpuRequest::Share { cores: c, blocks: b }),
+                (1u32..4).prop_map(|n| GpuRequest::Whole { cards: n }),
+            ],
+            cpu in prop::option::of(0u64..20_000),
+            pod_cpu in 0u64..8000,
+            mixed in any::<bool>(),
+        ) {
+            let cards: Vec<(u32, u32, bool, bool)> = cards.into_iter().map(|(c, b, h, v)| (c * 10, b, h, v)).collect();
+            let (inv, ledger) = node_state(&cards);
+            let f = if mixed { mixed_workload() } else { workload() };
+            let acc = f.access(inv.cards.iter().map(|c| c.model.as_str()));
+            let healthy = healthy_cards(&inv);
+            let node = FgdNode { access: &acc, inventory: &inv, ledger: &ledger, cpu_free: cpu };
+            let pod = PodGpuRequest::from_app_requests([Some(req)]);
+            let full = f.place_pod(&node, pod_cpu, &pod, &CardFilter::default());
+            let base = f.node_fragmentation(&acc, ledger.cards(), healthy, cpu);
+            let quick = f.evaluate_cards(&acc, ledger.cards(), healthy, healthy, cpu, base, pod_cpu, &req);
+            prop_assert_eq!(full.is_some(), quick.is_some());
+            if let (Some(p), Some(e)) = (full, quick) {
+                prop_assert_eq!(&p.cards[&Slot::App(0)], &e.card_list());
+                prop_assert!((p.delta - e.delta).abs() < 1e-9);
+            }
+        }
     }
 }

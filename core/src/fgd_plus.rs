@@ -26,10 +26,13 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::annotations::ModelFilter;
+use crate::annotations::{CardFilter, ModelFilter};
 use crate::fgd::{
-    paper_score, CardPick, Demand, Fgd, Measure, NodeAccess, TargetWorkload, MAX_CARDS,
+    healthy_cards, paper_score, pod_demand, CardPick, Demand, Fgd, FgdNode, FgdPlacement,
+    FreeCards, Measure, NodeAccess, TargetWorkload, MAX_CARDS,
 };
+use crate::ledger::CardState;
+use crate::request::{GpuRequest, PodGpuRequest};
 use crate::resources::CORES_PER_CARD;
 
 /// How nodes are ranked first.
@@ -365,11 +368,54 @@ impl Capability {
     pub fn loss(
         &self,
         access: &CapAccess,
-        (cpu_before, before): (u64, &[u32]),
-        (cpu_after, after): (u64, &[u32]),
+        before: (u64, &[u32]),
+        after: (u64, &[u32]),
         factor: &[f64],
         except: Option<(u64, Demand)>,
     ) -> f64 {
+        let mut loss = 0.0;
+        self.each_lost(access, before, after, except, |i| {
+            loss += self.weight[i] * factor.get(i).copied().unwrap_or(1.0);
+        });
+        loss
+    }
+
+    /// The types [`Capability::loss`] counts, ascending: they fit before and not after, and
+    /// the pod `except` does not dominate them. Weigh them with [`Capability::weigh`] — the
+    /// scarcity factors can change while the set stays valid.
+    pub fn lost_types(
+        &self,
+        access: &CapAccess,
+        before: (u64, &[u32]),
+        after: (u64, &[u32]),
+        except: Option<(u64, Demand)>,
+    ) -> Vec<u32> {
+        let mut lost = Vec::new();
+        self.each_lost(access, before, after, except, |i| lost.push(i as u32));
+        lost
+    }
+
+    /// The weighted loss of `lost` (from [`Capability::lost_types`]) under `factor`: equal to
+    /// [`Capability::loss`] with the same arguments.
+    pub fn weigh(&self, lost: &[u32], factor: &[f64]) -> f64 {
+        let mut loss = 0.0;
+        for &i in lost {
+            let i = i as usize;
+            if let Some(w) = self.weight.get(i) {
+                loss += w * factor.get(i).copied().unwrap_or(1.0);
+            }
+        }
+        loss
+    }
+
+    fn each_lost(
+        &self,
+        access: &CapAccess,
+        (cpu_before, before): (u64, &[u32]),
+        (cpu_after, after): (u64, &[u32]),
+        except: Option<(u64, Demand)>,
+        mut lost: impl FnMut(usize),
+    ) {
         let n = before.len().min(MAX_CARDS);
         let all = if n == MAX_CARDS {
             u64::MAX
@@ -396,16 +442,14 @@ impl Capability {
             }
             self.fits(i, access, cpu, free)
         };
-        let mut loss = 0.0;
         for i in 0..self.len() {
             if except.is_some_and(|(c, d)| self.dominated_by(i, c, d)) {
                 continue;
             }
             if fits(i, cpu_before, before, &sb) && !fits(i, cpu_after, after, &sa) {
-                loss += self.weight[i] * factor.get(i).copied().unwrap_or(1.0);
+                lost(i);
             }
         }
-        loss
     }
 }
 
@@ -428,6 +472,26 @@ pub struct PlusChoice {
     pub loss: f64,
     /// Cards to use (bit i = card i).
     pub cards: u64,
+}
+
+/// `fgd+`'s placement of a whole pod on one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlusPlacement {
+    /// The cards and charges ([`FgdPlacement::delta`] is the gradient under `fgd+`'s measure).
+    pub placement: FgdPlacement,
+    /// The ranking key (higher is better), gradient and capability loss.
+    pub choice: PlusChoice,
+}
+
+/// What [`FgdPlus::parts_cards`] finds, valid whatever the scarcity factors are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlusParts {
+    /// Fragmentation gradient, vcuda-core.
+    pub delta: f64,
+    /// Cards to use (bit i = card i).
+    pub cards: u64,
+    /// Capability types the placement loses (ascending).
+    pub lost: Vec<u32>,
 }
 
 /// Range of the secondary key.
@@ -526,6 +590,173 @@ impl FgdPlus {
             _ => 0.0,
         };
         Some(self.key(e.delta, loss, e.cards, cpu_free, free, pod_cpu, demand))
+    }
+
+    /// [`FgdPlus::score`] for a pod whose only GPU container is the long-running `request`, from
+    /// the node's card states alone: `healthy` the node's healthy cards, `usable` the healthy
+    /// cards the pod's constraints allow, `cpu_free` as in [`FgdNode`] (`None` = not a
+    /// constraint), `base` the node's fragmentation under this policy's measure
+    /// (`self.fgd().node_fragmentation(..)`). Equal to [`FgdPlus::place_pod`]'s choice for such
+    /// a pod. The same as [`FgdPlus::parts_cards`] then [`FgdPlus::choose`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_cards(
+        &self,
+        access: &NodeAccess,
+        cap_access: &CapAccess,
+        scarcity: &[f64],
+        cards: &[CardState],
+        (healthy, usable): (u64, u64),
+        cpu_free: Option<u64>,
+        base: f64,
+        pod_cpu: u64,
+        request: &GpuRequest,
+    ) -> Option<PlusChoice> {
+        let parts = self.parts_cards(
+            access,
+            cap_access,
+            cards,
+            (healthy, usable),
+            cpu_free,
+            base,
+            pod_cpu,
+            request,
+        )?;
+        Some(self.choose(&parts, scarcity, cards, healthy, cpu_free, pod_cpu, request))
+    }
+
+    /// The part of [`FgdPlus::score_cards`] that does not depend on the scarcity factors: the
+    /// gradient, the cards and the capability types the placement loses. A caller may keep it
+    /// while the node and the pod are the same and re-[`choose`](FgdPlus::choose) when only the
+    /// scarcity changed (it changes whenever any node gains or loses a type).
+    #[allow(clippy::too_many_arguments)]
+    pub fn parts_cards(
+        &self,
+        access: &NodeAccess,
+        cap_access: &CapAccess,
+        cards: &[CardState],
+        (healthy, usable): (u64, u64),
+        cpu_free: Option<u64>,
+        base: f64,
+        pod_cpu: u64,
+        request: &GpuRequest,
+    ) -> Option<PlusParts> {
+        if cards.len() > MAX_CARDS {
+            return None;
+        }
+        let e = self.fgd.evaluate_cards(
+            access, cards, healthy, usable, cpu_free, base, pod_cpu, request,
+        )?;
+        let cpu = cpu_free.unwrap_or(u64::MAX);
+        let demand = Demand::of_request(request);
+        let c = &self.config;
+        let lost = match &self.capability {
+            Some(cap) if c.cap_weight > 0.0 || c.secondary == Secondary::Capability => {
+                let free = FreeCards::of(cards, healthy);
+                let free = free.as_slice();
+                let mut after = [0u32; MAX_CARDS];
+                let after = &mut after[..free.len()];
+                after.copy_from_slice(free);
+                let per = demand.per_card();
+                let mut m = e.cards;
+                while m != 0 {
+                    let g = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    after[g] = after[g].saturating_sub(per);
+                }
+                // Types the pod dominates lose nothing: the pod uses their room itself.
+                cap.lost_types(
+                    cap_access,
+                    (cpu, free),
+                    (cpu - pod_cpu, after),
+                    Some((pod_cpu, demand)),
+                )
+            }
+            _ => Vec::new(),
+        };
+        Some(PlusParts {
+            delta: e.delta,
+            cards: e.cards,
+            lost,
+        })
+    }
+
+    /// The choice of [`FgdPlus::score_cards`] from its [`PlusParts`] under the current
+    /// `scarcity` (the other arguments as for `score_cards`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn choose(
+        &self,
+        parts: &PlusParts,
+        scarcity: &[f64],
+        cards: &[CardState],
+        healthy: u64,
+        cpu_free: Option<u64>,
+        pod_cpu: u64,
+        request: &GpuRequest,
+    ) -> PlusChoice {
+        let loss = self
+            .capability
+            .as_ref()
+            .map_or(0.0, |cap| cap.weigh(&parts.lost, scarcity));
+        let free = FreeCards::of(cards, healthy);
+        self.key(
+            parts.delta,
+            loss,
+            parts.cards,
+            cpu_free.unwrap_or(u64::MAX),
+            free.as_slice(),
+            pod_cpu,
+            Demand::of_request(request),
+        )
+    }
+
+    /// Place a whole pod on one node, for the extender: the cards of [`Fgd::place_pod`] under
+    /// this policy's measure (smallest exact gradient), and the ranking key of that placement
+    /// with its capability loss (`scarcity` as for [`FgdPlus::score`]; the pod counts as its
+    /// [`pod_demand`]). `None` when the pod does not fit.
+    pub fn place_pod(
+        &self,
+        node: &FgdNode<'_>,
+        cap_access: &CapAccess,
+        scarcity: &[f64],
+        pod_cpu: u64,
+        pod: &PodGpuRequest,
+        filter: &CardFilter,
+    ) -> Option<PlusPlacement> {
+        let placement = self.fgd.place_pod(node, pod_cpu, pod, filter)?;
+        let cpu = node.cpu_free.unwrap_or(u64::MAX);
+        let healthy = healthy_cards(node.inventory);
+        let before = FreeCards::of(node.ledger.cards(), healthy);
+        let mut after_ledger = node.ledger.clone();
+        after_ledger.allocate(&placement.assignment).ok()?;
+        let after = FreeCards::of(after_ledger.cards(), healthy);
+        let demand = pod_demand(pod);
+        let c = &self.config;
+        let loss = match &self.capability {
+            Some(cap) if c.cap_weight > 0.0 || c.secondary == Secondary::Capability => cap.loss(
+                cap_access,
+                (cpu, before.as_slice()),
+                (cpu - pod_cpu, after.as_slice()),
+                scarcity,
+                Some((pod_cpu, demand)),
+            ),
+            _ => 0.0,
+        };
+        let cards = placement
+            .cards
+            .values()
+            .flatten()
+            .filter(|&&g| (g as usize) < MAX_CARDS)
+            .fold(0u64, |m, &g| m | 1u64 << g);
+        let choice = self.key(
+            placement.delta,
+            loss,
+            cards,
+            cpu,
+            before.as_slice(),
+            pod_cpu,
+            demand,
+        );
+        Some(PlusPlacement { placement, choice })
     }
 
     /// The ranking key of a placement with gradient `delta` and capability loss `loss`.
@@ -827,6 +1058,56 @@ mod tests {
                 Some((2000, Demand::Share { cores: 30 })),
             );
             assert_eq!(own, 0.0);
+        }
+    }
+
+    use crate::inventory::{Link, NodeInventory};
+    use crate::ledger::{Assignment, NodeLedger};
+    use crate::request::Slot;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The allocation-free single-container path ranks and places exactly as place_pod.
+        #[test]
+        fn scoring_card_states_matches_place_pod(
+            used in prop::collection::vec((0u32..=10, prop::bool::weighted(0.9)), 1..9),
+            req in prop_oneof![
+                (1u32..100).prop_map(|c| GpuRequest::Share { cores: c, blocks: 1 }),
+                (1u32..4).prop_map(|n| GpuRequest::Whole { cards: n }),
+            ],
+            cpu in prop::option::of(0u64..40_000),
+            pod_cpu in 0u64..12_000,
+            scarce in 1.0f64..8.0,
+        ) {
+            let mut inv = NodeInventory::uniform(used.len(), "G", 16 * 1024, Link::Phb);
+            let mut ledger = NodeLedger::new(&inv);
+            for (i, &(u, healthy)) in used.iter().enumerate() {
+                inv.cards[i].healthy = healthy;
+                if u == 10 {
+                    ledger.allocate(&Assignment::whole(&[i as u32])).unwrap();
+                } else if u > 0 {
+                    ledger.allocate(&Assignment::share(i as u32, u * 10, 1)).unwrap();
+                }
+            }
+            let p = with_rare_big_type(PlusConfig::default());
+            let models: Vec<&str> = inv.cards.iter().map(|c| c.model.as_str()).collect();
+            let acc = p.fgd().access(models.iter().copied());
+            let cap = p.cap_access(models.iter().copied());
+            let scarcity = [1.0, scarce];
+            let healthy = crate::fgd::healthy_cards(&inv);
+            let node = FgdNode { access: &acc, inventory: &inv, ledger: &ledger, cpu_free: cpu };
+            let pod = PodGpuRequest::from_app_requests([Some(req)]);
+            let full = p.place_pod(&node, &cap, &scarcity, pod_cpu, &pod, &CardFilter::default());
+            let base = p.fgd().node_fragmentation(&acc, ledger.cards(), healthy, cpu);
+            let quick = p.score_cards(&acc, &cap, &scarcity, ledger.cards(), (healthy, healthy), cpu, base, pod_cpu, &req);
+            prop_assert_eq!(full.is_some(), quick.is_some());
+            if let (Some(f), Some(q)) = (full, quick) {
+                prop_assert_eq!(f.choice.key, q.key);
+                prop_assert_eq!(f.choice.cards, q.cards);
+                prop_assert!((f.choice.loss - q.loss).abs() < 1e-9);
+                let listed: Vec<u32> = (0..64).filter(|g| (q.cards >> g) & 1 == 1).collect();
+                prop_assert_eq!(&f.placement.cards[&Slot::App(0)], &listed);
+            }
         }
     }
 }

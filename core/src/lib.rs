@@ -14,6 +14,7 @@
 
 pub mod annotations;
 pub mod devices;
+pub mod duration;
 pub mod fgd;
 pub mod fgd_plus;
 pub mod health;

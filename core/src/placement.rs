@@ -666,6 +666,129 @@ pub fn normalize_scores(scores: &[i64]) -> Vec<u8> {
         .collect()
 }
 
+/// kube-scheduler's `MaxExtenderPriority`: an extender scores nodes 0..=10.
+pub const MAX_EXTENDER_PRIORITY: u8 = 10;
+
+/// How a policy orders nodes whose scores are equal. Either way the order is fixed: the same
+/// node wins the same tie in every request, in every replica, after every restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TieOrder {
+    /// The lowest node name first (binpack, spread, topology; gpu-admission's rule, see
+    /// [`prefer`]).
+    Name,
+    /// The lowest [`tie_hash`] of the node name first, then the lowest name: a fixed order that
+    /// looks random, like the per-seed node order under which FGD was validated (FGD and
+    /// `fgd+`; see `docs/simulator.md`, "Validation").
+    NameHash,
+}
+
+/// A stable 64-bit hash of a node name, the same on every platform and in every release: the
+/// tie order [`TieOrder::NameHash`]. FNV-1a followed by MurmurHash3's 64-bit finaliser: FNV-1a
+/// alone barely moves the high bits when only the last characters differ, so `node-0001`,
+/// `node-0002`, … would stay in runs of neighbours (a near-sequential order, not one that looks
+/// random); the finaliser spreads every input bit over the whole word.
+pub fn tie_hash(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+impl TieOrder {
+    /// True when `(score_a, name_a)` ranks above `(score_b, name_b)`: a higher score wins,
+    /// equal scores are ordered by this rule.
+    pub fn prefer(self, score_a: i64, name_a: &str, score_b: i64, name_b: &str) -> bool {
+        if score_a != score_b {
+            return score_a > score_b;
+        }
+        match self {
+            TieOrder::Name => name_a < name_b,
+            TieOrder::NameHash => (tie_hash(name_a), name_a) < (tie_hash(name_b), name_b),
+        }
+    }
+
+    /// The position of the best node of `scores` (`names[i]` scores `scores[i]`), ties
+    /// ordered by this rule; `None` when there is no node.
+    pub fn best(self, scores: &[i64], names: &[&str]) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        // The hash of the current best, computed only when a tie needs it.
+        let mut best_hash: Option<u64> = None;
+        for (i, (&s, &n)) in scores.iter().zip(names).enumerate() {
+            let Some(b) = best else {
+                best = Some(i);
+                continue;
+            };
+            let better = match s.cmp(&scores[b]) {
+                std::cmp::Ordering::Greater => true,
+                std::cmp::Ordering::Less => false,
+                std::cmp::Ordering::Equal => match self {
+                    TieOrder::Name => n < names[b],
+                    TieOrder::NameHash => {
+                        let hb = *best_hash.get_or_insert_with(|| tie_hash(names[b]));
+                        let h = tie_hash(n);
+                        let wins = (h, n) < (hb, names[b]);
+                        if wins {
+                            best_hash = Some(h);
+                        }
+                        wins
+                    }
+                },
+            };
+            if better {
+                if s != scores[b] {
+                    best_hash = None;
+                }
+                best = Some(i);
+            }
+        }
+        best
+    }
+}
+
+/// The extender's priorities (0..=[`MAX_EXTENDER_PRIORITY`]) of nodes with raw policy scores
+/// `scores` (higher is better; `names[i]` scores `scores[i]`).
+///
+/// Exactly **one** node gets 10: the policy's best, ties ordered by `order`. Every other node
+/// gets 0..=9, linearly between the lowest raw score (0) and the best one (9), rounded; a node
+/// scoring as much as the best gets 9. kube-scheduler adds `priority × weight × 10` to its own
+/// plugins' scores and picks at random among the nodes with the highest total: with a unique
+/// top and a weight above what the other plugins can add up to, that random choice cannot
+/// override the policy (a plain min–max normalisation gives every tied best node 10 and lets
+/// the scheduler choose among them at random, which costs FGD ≈ 5.5 pp of allocation).
+pub fn extender_priorities(scores: &[i64], names: &[&str], order: TieOrder) -> Vec<u8> {
+    let Some(top) = order.best(scores, names) else {
+        return Vec::new();
+    };
+    let max = scores[top];
+    let min = scores.iter().copied().min().unwrap_or(max);
+    let below = MAX_EXTENDER_PRIORITY - 1;
+    let span = (max as i128) - (min as i128);
+    let mut out: Vec<u8> = if span == 0 {
+        vec![below; scores.len()]
+    } else if let Some(span64) = i64::try_from(span).ok().filter(|&x| x <= i64::MAX / 16) {
+        // The usual case: 64-bit arithmetic (128-bit division is many times slower).
+        let b = i64::from(below);
+        scores
+            .iter()
+            .map(|&s| (((s - min) * b + span64 / 2) / span64) as u8)
+            .collect()
+    } else {
+        let b = i128::from(below);
+        scores
+            .iter()
+            .map(|&s| ((((s as i128) - (min as i128)) * b + span / 2) / span) as u8)
+            .collect()
+    };
+    out[top] = MAX_EXTENDER_PRIORITY;
+    out
+}
+
 /// The result of choosing among nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeChoice {
@@ -1280,6 +1403,62 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn exactly_one_node_gets_the_top_priority_and_ties_follow_a_fixed_order() {
+        let names = ["n-a", "n-b", "n-c", "n-d"];
+        // All equal: one node gets 10, the others 9.
+        for order in [TieOrder::Name, TieOrder::NameHash] {
+            let p = extender_priorities(&[7, 7, 7, 7], &names, order);
+            assert_eq!(
+                p.iter().filter(|&&x| x == 10).count(),
+                1,
+                "{order:?}: {p:?}"
+            );
+            assert_eq!(p.iter().filter(|&&x| x == 9).count(), 3, "{order:?}: {p:?}");
+        }
+        // Name order: the lowest name; hash order: the lowest hash.
+        let p = extender_priorities(&[7, 7, 7, 7], &names, TieOrder::Name);
+        assert_eq!(p, vec![10, 9, 9, 9]);
+        let p = extender_priorities(&[7, 7, 7, 7], &names, TieOrder::NameHash);
+        let top = names.iter().min_by_key(|n| (tie_hash(n), **n)).unwrap();
+        assert_eq!(p[names.iter().position(|n| n == top).unwrap()], 10);
+        // The same node wins whatever order the candidates come in.
+        let rev: Vec<&str> = names.iter().rev().copied().collect();
+        let q = extender_priorities(&[7, 7, 7, 7], &rev, TieOrder::NameHash);
+        assert_eq!(rev[q.iter().position(|&x| x == 10).unwrap()], *top);
+        // The best raw score always wins; the rest spread over 0..=9.
+        let p = extender_priorities(&[0, 50, 100, 100], &names, TieOrder::Name);
+        assert_eq!(p, vec![0, 5, 10, 9]);
+        assert_eq!(
+            extender_priorities(&[i64::MIN, 0, i64::MAX], &names[..3], TieOrder::NameHash),
+            vec![0, 5, 10]
+        );
+        assert_eq!(extender_priorities(&[3], &["x"], TieOrder::Name), vec![10]);
+        assert!(extender_priorities(&[], &[], TieOrder::Name).is_empty());
+    }
+
+    #[test]
+    fn the_tie_hash_is_stable_and_spreads_numbered_nodes() {
+        // Reference values: the order must not change between releases.
+        assert_eq!(tie_hash(""), 0xefd0_1f60_ba99_2926);
+        assert_eq!(tie_hash("a"), 0x82a2_a958_a9be_ce5b);
+        // Nodes numbered in sequence do not come out in runs of neighbours.
+        let names: Vec<String> = (0..1000).map(|i| format!("gpu-node-{i:04}")).collect();
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        order.sort_by_key(|&i| (tie_hash(&names[i]), i));
+        let neighbours = order
+            .windows(2)
+            .filter(|w| w[0].abs_diff(w[1]) < 10)
+            .count();
+        assert!(
+            neighbours < 50,
+            "{neighbours} of 999 neighbours in the order"
+        );
+        assert!(TieOrder::NameHash.prefer(5, "x", 4, "a"));
+        assert!(TieOrder::Name.prefer(5, "b", 5, "c"));
+        assert!(!TieOrder::Name.prefer(5, "c", 5, "b"));
+    }
+
     proptest! {
         /// Whatever the node state, a placement only uses healthy cards, fits the ledger,
         /// is deterministic, and exists whenever some card set could hold the request.
@@ -1387,6 +1566,36 @@ mod tests {
                     v.iter().map(|&s| ((((s as i128) - (min as i128)) * 10 + span / 2) / span) as u8).collect()
                 };
                 prop_assert_eq!(normalize_scores(&v), wide);
+            }
+        }
+
+        /// One node gets 10 and it is a best-scored one; a better raw score never gets a lower
+        /// priority; 64-bit and 128-bit arithmetic agree.
+        #[test]
+        fn extender_priorities_rank_consistently(
+            scores in prop::collection::vec(prop_oneof![any::<i64>(), -50i64..50], 1..30),
+            order in prop::sample::select(vec![TieOrder::Name, TieOrder::NameHash]),
+        ) {
+            let names: Vec<String> = (0..scores.len()).map(|i| format!("node-{i}")).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let p = extender_priorities(&scores, &refs, order);
+            prop_assert_eq!(p.iter().filter(|&&x| x == 10).count(), 1);
+            let top = p.iter().position(|&x| x == 10).unwrap();
+            prop_assert_eq!(Some(top), order.best(&scores, &refs));
+            prop_assert_eq!(scores[top], *scores.iter().max().unwrap());
+            for i in 0..scores.len() {
+                for j in 0..scores.len() {
+                    if scores[i] > scores[j] {
+                        prop_assert!(p[i] >= p[j], "{:?} -> {:?}", scores, p);
+                    }
+                }
+            }
+            let (min, max) = (*scores.iter().min().unwrap() as i128, scores[top] as i128);
+            for (i, &s) in scores.iter().enumerate() {
+                if i != top {
+                    let want = if max == min { 9 } else { (((s as i128) - min) * 9 + (max - min) / 2) / (max - min) };
+                    prop_assert_eq!(i128::from(p[i]), want);
+                }
             }
         }
 
