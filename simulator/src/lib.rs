@@ -61,7 +61,10 @@ pub struct SimulateArgs {
     #[arg(long, env = "GM_SIM_WORKLOAD")]
     pub workload: Option<PathBuf>,
     /// How a policy's equally scored best nodes are told apart: `order` (the first in a node
-    /// order drawn once per seed, as the paper's simulator does) or `random` (every time).
+    /// order drawn once per seed, as the paper's simulator does), `random` (every time),
+    /// `extender` (kube-scheduler with the extender's 0-10 priorities: one node at 10, then a
+    /// random draw among the highest) or `extender-minmax` (the same with a min-max 0-10
+    /// normalisation, where every best node gets 10).
     #[arg(long, env = "GM_SIM_TIES", default_value = "order")]
     pub ties: sim::TieBreak,
     /// fgd+ settings, e.g. `primary=4,secondary=best-fit` (see docs/simulator.md); empty = the

@@ -17,6 +17,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use gm_core::placement::TieOrder;
 use gm_core::Policy;
 
 /// A policy the simulator replays a trace with.
@@ -58,6 +59,16 @@ impl SimPolicy {
             SimPolicy::Fgd => "fgd",
             SimPolicy::FgdPlus => "fgd+",
             SimPolicy::Core(p) => p.name(),
+        }
+    }
+
+    /// The order of equally scored nodes under `--ties extender`: the extender's own rule for
+    /// the policies it runs (by name for binpack, spread and topology; by a stable hash of the
+    /// name for FGD and `fgd+`), the hash order for the paper's baselines.
+    pub fn tie_order(self) -> TieOrder {
+        match self {
+            SimPolicy::Core(_) => TieOrder::Name,
+            _ => TieOrder::NameHash,
         }
     }
 

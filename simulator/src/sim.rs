@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use gm_core::annotations::{CardFilter, ModelFilter};
 use gm_core::fgd::{paper_score, CardPick, Demand, Fgd, NodeAccess, TargetWorkload, MAX_CARDS};
-use gm_core::placement::{place, NodeView};
+use gm_core::placement::{extender_priorities, normalize_scores, place, NodeView};
 use gm_core::resources::CORES_PER_CARD;
 use gm_core::topology::Topology;
 use gm_core::{Assignment, GpuRequest, Link, NodeInventory, NodeLedger, PodGpuRequest};
@@ -48,6 +48,16 @@ pub enum TieBreak {
     NodeOrder,
     /// Uniformly at random at every decision.
     Random,
+    /// kube-scheduler with the gpu-admission extender and neutral score plugins: every
+    /// feasible node gets the extender's 0–10 priority from
+    /// `gm_core::placement::extender_priorities` (the code the extender runs: the policy's best
+    /// node, ties in the policy's fixed order, alone at 10), then one of the nodes with the
+    /// highest priority is drawn at random, as kube-scheduler's `selectHost` does.
+    Extender,
+    /// The same with a plain min–max normalisation to 0–10
+    /// (`gm_core::placement::normalize_scores`, what the extender did before): every best node
+    /// gets 10 and kube-scheduler draws among them at random.
+    ExtenderMinMax,
 }
 
 impl std::str::FromStr for TieBreak {
@@ -56,7 +66,11 @@ impl std::str::FromStr for TieBreak {
         match s.trim().to_ascii_lowercase().as_str() {
             "order" | "node-order" => Ok(TieBreak::NodeOrder),
             "random" => Ok(TieBreak::Random),
-            _ => Err(format!("unknown tie rule {s:?}: use order or random")),
+            "extender" => Ok(TieBreak::Extender),
+            "extender-minmax" | "minmax" => Ok(TieBreak::ExtenderMinMax),
+            _ => Err(format!(
+                "unknown tie rule {s:?}: use order, random, extender or extender-minmax"
+            )),
         }
     }
 }
@@ -534,6 +548,14 @@ impl<'a> Simulator<'a> {
         rng: &mut ChaCha8Rng,
     ) -> Option<(usize, u64)> {
         ties.clear();
+        if policy != SimPolicy::RandomFit
+            && matches!(
+                self.opts.ties,
+                TieBreak::Extender | TieBreak::ExtenderMinMax
+            )
+        {
+            return self.decide_as_scheduler(policy, (shapes, scarcity), nodes, pod, rng);
+        }
         let mut best = i64::MIN;
         for (i, n) in nodes.iter().enumerate() {
             if !fits(n, pod) {
@@ -568,6 +590,47 @@ impl<'a> Simulator<'a> {
             cards = random_cards(&nodes[ni], pod, rng);
         }
         Some((ni, cards))
+    }
+
+    /// kube-scheduler + the extender: the extender's 0–10 priority for every feasible node, then
+    /// a uniformly random node among those with the highest priority.
+    fn decide_as_scheduler(
+        &self,
+        policy: SimPolicy,
+        (shapes, scarcity): (&[Shape], &[f64]),
+        nodes: &[SimNode],
+        pod: &SimPod,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<(usize, u64)> {
+        let mut feasible: Vec<(usize, u64)> = Vec::new();
+        let mut scores: Vec<i64> = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            if !fits(n, pod) {
+                continue;
+            }
+            if let Some((score, cards)) = self.score(policy, (shapes, scarcity), n, pod) {
+                feasible.push((i, cards));
+                scores.push(score);
+            }
+        }
+        if feasible.is_empty() {
+            return None;
+        }
+        let priorities = if self.opts.ties == TieBreak::Extender {
+            let names: Vec<&str> = feasible
+                .iter()
+                .map(|&(i, _)| nodes[i].name.as_str())
+                .collect();
+            extender_priorities(&scores, &names, policy.tie_order())
+        } else {
+            normalize_scores(&scores)
+        };
+        let top = priorities.iter().copied().max().unwrap_or(0);
+        let best: Vec<usize> = (0..priorities.len())
+            .filter(|&k| priorities[k] == top)
+            .collect();
+        let k = best[rng.random_range(0..best.len())];
+        Some(feasible[k])
     }
 
     fn score(

@@ -248,6 +248,67 @@ fn random_ties_and_node_order_ties_are_both_reproducible_per_seed() {
 }
 
 #[test]
+fn through_the_extender_one_node_takes_every_tie_and_through_min_max_a_random_one_does() {
+    // Six identical empty nodes: every policy scores them all the same for the first pod.
+    let mut csv = String::from("sn,cpu_milli,memory_mib,gpu,model\n");
+    let names = ["n0", "n1", "n2", "n3", "n4", "n5"];
+    for n in names {
+        csv.push_str(&format!("{n},32000,131072,2,T4\n"));
+    }
+    let nodes = parse_nodes("nodes.csv", &csv).unwrap();
+    let pods = parse_pods(
+        "pods.csv",
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\np0,2000,4096,1,1000,\np1,1000,2048,1,500,\n",
+    )
+    .unwrap();
+    let first_node = |ties: TieBreak, policy: SimPolicy, seed: u64| {
+        let opts = SimOptions {
+            ties,
+            ..SimOptions::default()
+        };
+        let run = Simulator::new(&nodes, &pods, opts)
+            .unwrap()
+            .run(policy, seed);
+        names[run.steps[0].node.unwrap() as usize]
+    };
+    let hashed = *names
+        .iter()
+        .min_by_key(|n| (gm_core::placement::tie_hash(n), **n))
+        .unwrap();
+    for seed in 0..10 {
+        assert_eq!(first_node(TieBreak::Extender, SimPolicy::Fgd, seed), hashed);
+        assert_eq!(
+            first_node(TieBreak::Extender, SimPolicy::FgdPlus, seed),
+            hashed
+        );
+        assert_eq!(
+            first_node(
+                TieBreak::Extender,
+                SimPolicy::Core(gm_core::Policy::Binpack),
+                seed
+            ),
+            "n0"
+        );
+    }
+    let drawn: std::collections::BTreeSet<&str> = (0..10)
+        .map(|seed| first_node(TieBreak::ExtenderMinMax, SimPolicy::Fgd, seed))
+        .collect();
+    assert!(
+        drawn.len() >= 3,
+        "min-max leaves the tie to chance: {drawn:?}"
+    );
+    assert_eq!("extender".parse::<TieBreak>(), Ok(TieBreak::Extender));
+    assert_eq!(
+        "extender-minmax".parse::<TieBreak>(),
+        Ok(TieBreak::ExtenderMinMax)
+    );
+    assert!("coin"
+        .parse::<TieBreak>()
+        .unwrap_err()
+        .contains("extender-minmax"));
+}
+
+#[test]
 fn the_command_writes_the_csv_and_svg_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = dir.path().join("nodes.csv");
