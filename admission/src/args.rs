@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 use gm_core::annotations::Keys;
+use gm_core::duration::parse_duration;
 use gm_core::quota::QuotaKeys;
 use gm_core::ResourceNames;
 
@@ -124,28 +125,6 @@ impl WebhookArgs {
             ..s.args
         })
     }
-}
-
-/// Parse a duration such as `500ms`, `5s`, `2m` or `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let form = "use a whole number with a unit: ms, s, m or h (e.g. 500ms, 5s, 2m)";
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: {form}"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?} has no valid unit: {form}")),
-    };
-    if d.is_zero() {
-        return Err(format!("{s:?} is zero: use a positive duration"));
-    }
-    Ok(d)
 }
 
 /// Settings that cannot be used, with what was wrong and what is allowed.
@@ -325,10 +304,13 @@ mod tests {
     fn bad_flags_are_rejected_with_the_allowed_form() {
         let e = args(&["--default-vcuda-memory", "0"]).unwrap_err();
         assert!(e.to_string().contains("0"), "{e}");
-        let e = args(&["--tls-reload-interval", "5"])
+        let e = args(&["--tls-reload-interval", "5x"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("ms, s, m or h"), "{e}");
+        assert!(
+            e.contains("--tls-reload-interval") && e.contains("units ms, s, m, h"),
+            "{e}"
+        );
         for (flag, value, want) in [
             ("--quota-configmap", "gpuquota", "<namespace>/<name>"),
             ("--resource-domain", "Tencent.com", "DNS subdomain"),
@@ -342,13 +324,5 @@ mod tests {
         let a = WebhookArgs::try_from_flags(Vec::<String>::new()).unwrap();
         let e = Settings::from_args(&a).unwrap_err().to_string();
         assert!(e.contains("--tls-cert and --tls-key are required"), "{e}");
-    }
-
-    #[test]
-    fn durations_take_common_units() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("1.5s").is_err());
     }
 }

@@ -21,7 +21,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose,
 };
 
-use crate::args::parse_duration;
+use gm_core::duration::parse_duration;
 
 /// Flags of `gpu-admission certgen`.
 #[derive(Debug, Clone, clap::Args)]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use gm_backend::{BackendChoice, NvmlConfig};
+use gm_core::duration::parse_duration;
 use gm_core::health::XidPolicy;
 use gm_core::{Policy, ResourceNames};
 
@@ -169,28 +170,6 @@ pub enum CliError {
     Metrics(String),
 }
 
-/// Parse a duration such as `500ms`, `30s`, `2m`, `1h` (a bare number means seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let form = "use a number with a unit: 500ms, 30s, 2m or 1h";
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; {form}"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?} has an unknown unit {unit:?}; {form}")),
-    };
-    if d.is_zero() {
-        return Err(format!("{s:?} is zero; it must be positive"));
-    }
-    Ok(d)
-}
-
 fn parse_domain(s: &str) -> Result<ResourceNames, String> {
     ResourceNames::new(s).map_err(|e| e.to_string())
 }
@@ -334,18 +313,19 @@ mod tests {
     }
 
     #[test]
-    fn durations_take_units_and_refuse_garbage() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
-        assert!(parse_duration("0s").unwrap_err().contains("positive"));
-        assert!(parse_duration("5 minutes")
+    fn duration_flags_take_units_and_name_the_flag_when_refused() {
+        let a = parse(&["--gc-interval", "1m30s", "--gc-grace-period", "45"]).unwrap();
+        assert_eq!(a.gc_interval, Duration::from_secs(90));
+        assert_eq!(a.gc_grace_period, Duration::from_secs(45));
+        let e = parse(&["--gc-interval", "soon"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--gc-interval") && e.contains("\"soon\" is not a duration"),
+            "{e}"
+        );
+        let e = parse(&["--health-reprobe-interval", "0s"])
             .unwrap_err()
-            .contains("unknown unit"));
-        assert!(parse_duration("soon")
-            .unwrap_err()
-            .contains("not a duration"));
+            .to_string();
+        assert!(e.contains("is zero"), "{e}");
     }
 
     #[test]
@@ -386,7 +366,7 @@ mod tests {
             .to_string();
         assert!(e.contains("DNS subdomain"), "{e}");
         let e = parse(&["--gc-interval", "often"]).unwrap_err().to_string();
-        assert!(e.contains("500ms, 30s, 2m or 1h"), "{e}");
+        assert!(e.contains("500ms, 30s, 2m, 1h or 1m30s"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cluster::PatchJob;
 use crate::podresources::holder;
+use crate::pods::PodInfo;
 use crate::response::{self, LimiterState, ResponseContext};
 use crate::shared::Shared;
 use crate::state::{Allocated, ErrorCode, Now, PodRef, Record, RequestError};
@@ -81,10 +82,39 @@ impl PluginService {
     /// Allocate one container's IDs.
     pub fn allocate_one(&self, ids: &[String]) -> Result<dp::ContainerAllocateResponse, Status> {
         let pods = self.shared.pods_snapshot();
+        self.allocate_with(ids, &pods)
+    }
+
+    /// The pods to decide with: the pod source's view, refreshed first when a request of one
+    /// of `sizes` belongs to no pod it shows (the pod was bound a moment ago and our watch has
+    /// not delivered it yet).
+    async fn pods_for(&self, sizes: &[usize]) -> Vec<Arc<PodInfo>> {
+        let pods = self.shared.pods_snapshot();
+        let Some(source) = self.shared.pods.as_ref() else {
+            return pods;
+        };
+        let kind = self.kind;
+        let now = std::time::Instant::now();
+        let miss = self.shared.with_state(|st| {
+            sizes
+                .iter()
+                .any(|&size| st.misses_pod(kind, size, &pods, now))
+        });
+        if miss && source.refresh().await {
+            return self.shared.pods_snapshot();
+        }
+        pods
+    }
+
+    fn allocate_with(
+        &self,
+        ids: &[String],
+        pods: &[Arc<PodInfo>],
+    ) -> Result<dp::ContainerAllocateResponse, Status> {
         let now = Now::current();
         let kind = self.kind;
         let decided = self.shared.with_state(|st| {
-            let allocated = st.allocate(kind, ids, &pods, now)?;
+            let allocated = st.allocate(kind, ids, pods, now)?;
             let rec = allocated.record();
             let inv = st.inventory();
             let (resp, limiter) = if rec.shape.is_some() {
@@ -255,10 +285,15 @@ impl DevicePlugin for PluginService {
         &self,
         request: Request<dp::PreferredAllocationRequest>,
     ) -> Result<Response<dp::PreferredAllocationResponse>, Status> {
-        let pods = self.shared.pods_snapshot();
         let kind = self.kind;
+        let request = request.into_inner();
+        let sizes: Vec<usize> = request
+            .container_requests
+            .iter()
+            .map(|c| usize::try_from(c.allocation_size).unwrap_or(0))
+            .collect();
+        let pods = self.pods_for(&sizes).await;
         let container_responses = request
-            .into_inner()
             .container_requests
             .into_iter()
             .map(|c| {
@@ -291,9 +326,11 @@ impl DevicePlugin for PluginService {
                 "AllocateRequest has no container requests; the kubelet sends one per container",
             ));
         }
+        let sizes: Vec<usize> = reqs.iter().map(|c| c.devices_ids.len()).collect();
+        let pods = self.pods_for(&sizes).await;
         let mut container_responses = Vec::with_capacity(reqs.len());
         for c in reqs {
-            container_responses.push(self.allocate_one(&c.devices_ids)?);
+            container_responses.push(self.allocate_with(&c.devices_ids, &pods)?);
         }
         Ok(Response::new(dp::AllocateResponse {
             container_responses,

@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use futures::StreamExt;
 use gm_core::annotations::Keys;
 use gm_core::ResourceNames;
 use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Api;
@@ -21,7 +23,15 @@ use super::{PodInfo, PodMap, PodSource};
 pub struct KubePods {
     pods: RwLock<PodMap>,
     synced: AtomicBool,
+    /// For [`PodSource::refresh`]: a direct list of this node's pods.
+    api: Api<Pod>,
+    selector: String,
+    names: ResourceNames,
+    keys: Keys,
 }
+
+/// Longest a refresh may hold up a kubelet request.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl KubePods {
     /// Start watching the pods of `node`. The returned task runs until aborted; the watch
@@ -32,12 +42,17 @@ impl KubePods {
         names: ResourceNames,
         keys: Keys,
     ) -> (Arc<Self>, JoinHandle<()>) {
+        let api: Api<Pod> = Api::all(client);
+        let selector = format!("spec.nodeName={node}");
         let me = Arc::new(Self {
             pods: RwLock::new(BTreeMap::new()),
             synced: AtomicBool::new(false),
+            api: api.clone(),
+            selector: selector.clone(),
+            names: names.clone(),
+            keys: keys.clone(),
         });
-        let api: Api<Pod> = Api::all(client);
-        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let config = watcher::Config::default().fields(&selector);
         let store = Arc::clone(&me);
         let task = tokio::spawn(async move {
             let mut stream = watcher::watcher(api, config).default_backoff().boxed();
@@ -107,5 +122,46 @@ impl PodSource for KubePods {
 
     fn synced(&self) -> bool {
         self.synced.load(Ordering::SeqCst)
+    }
+
+    fn refresh(&self) -> futures::future::BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let params = ListParams::default().fields(&self.selector);
+            let listed = match tokio::time::timeout(REFRESH_TIMEOUT, self.api.list(&params)).await {
+                Ok(Ok(list)) => list,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "listing this node's pods for a kubelet request failed; deciding with the watch's view");
+                    return false;
+                }
+                Err(_) => {
+                    tracing::warn!(timeout_ms = REFRESH_TIMEOUT.as_millis() as u64, "listing this node's pods for a kubelet request timed out; deciding with the watch's view");
+                    return false;
+                }
+            };
+            let mut map = self.pods.write().unwrap_or_else(|p| p.into_inner());
+            // Only pods the watch has not delivered yet are added: for the others the watch is
+            // at least as fresh, and deletions stay its job. (A pod deleted in the
+            // milliseconds this list was in flight would be added back and linger until the
+            // watch relists; the window is small because a refresh only runs on a miss.)
+            let mut added = 0usize;
+            for p in &listed.items {
+                let key = (
+                    p.metadata.namespace.clone().unwrap_or_default(),
+                    p.metadata.name.clone().unwrap_or_default(),
+                );
+                if map.contains_key(&key) || p.metadata.deletion_timestamp.is_some() {
+                    continue;
+                }
+                if let Some(info) = PodInfo::from_pod(p, &self.names, &self.keys) {
+                    map.insert(key, Arc::new(info));
+                    added += 1;
+                }
+            }
+            tracing::debug!(
+                added,
+                "pods the watch had not delivered yet, listed for a kubelet request"
+            );
+            true
+        })
     }
 }

@@ -191,6 +191,12 @@ pub trait PodSource: Send + Sync + std::fmt::Debug + 'static {
     /// True once the source holds a complete list (after the first full list from the API
     /// server). Before that, a missing pod proves nothing.
     fn synced(&self) -> bool;
+    /// Read the node's pods from the source of truth now, when the kubelet asks about a pod
+    /// the watch has not delivered yet (the kubelet's own watch can be a few milliseconds
+    /// ahead). Returns true when the store was refreshed. Sources without a server: no-op.
+    fn refresh(&self) -> futures::future::BoxFuture<'_, bool> {
+        Box::pin(async { false })
+    }
 }
 
 type PodMap = BTreeMap<(String, String), Arc<PodInfo>>;

@@ -640,6 +640,29 @@ impl State {
         Ok(())
     }
 
+    /// True when a request of `size` IDs of `kind` belongs to no pod the pod source shows:
+    /// neither the other half of a container in progress nor any container waiting for
+    /// devices. The caller then refreshes the pod source before deciding (the kubelet's watch
+    /// can deliver a newly bound pod a little before ours).
+    pub fn misses_pod(
+        &mut self,
+        kind: DeviceKind,
+        size: usize,
+        pods: &[Arc<PodInfo>],
+        now: Instant,
+    ) -> bool {
+        self.prune(now);
+        let size32 = u32::try_from(size).unwrap_or(u32::MAX);
+        if size32 == 0 {
+            return false;
+        }
+        let pi = self.pairable(kind, true);
+        if pi.is_some_and(|i| self.pending[i].matched.is_some()) {
+            return false;
+        }
+        self.match_pod(kind, size32, None, pods, pi).is_none()
+    }
+
     // ----------------------------------------------------------------------------------------
     // GetPreferredAllocation
 

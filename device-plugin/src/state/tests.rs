@@ -467,3 +467,31 @@ fn pending_halves_expire() {
     st.prune(t0 + Duration::from_secs(31));
     assert!(st.pending.is_empty());
 }
+
+#[test]
+fn a_request_for_a_pod_the_watch_has_not_delivered_asks_for_a_refresh() {
+    let mut st = state(4);
+    let now = Instant::now();
+    // The kubelet admits a 30-core pod the watch has not shown yet: a miss.
+    assert!(st.misses_pod(DeviceKind::Core, 30, &[], now));
+    // Pods of other sizes do not count.
+    let other = vec![Arc::new(pod(
+        "b",
+        1,
+        vec![("c", share(20, 4), Some(vec![1]))],
+    ))];
+    assert!(st.misses_pod(DeviceKind::Core, 30, &other, now));
+    // Once the pod is known, no refresh is needed, and its card is preferred.
+    let pods = vec![
+        other[0].clone(),
+        Arc::new(pod("a", 2, vec![("c", share(30, 8), Some(vec![2]))])),
+    ];
+    assert!(!st.misses_pod(DeviceKind::Core, 30, &pods, now));
+    let core = st.prefer(DeviceKind::Core, &all("vcore", 4, 100), &[], 30, &pods, now);
+    assert_eq!(core, ids("vcore", 2, 0..30));
+    // The memory half pairs with the core half in progress: no miss even though the pod's
+    // container is already matched.
+    assert!(!st.misses_pod(DeviceKind::Memory, 8, &pods, now));
+    // A zero-sized request never triggers a list.
+    assert!(!st.misses_pod(DeviceKind::Memory, 0, &[], now));
+}
