@@ -4,7 +4,10 @@
 //!   functions the HTTP handlers call (reasons for the nodes that do not fit included);
 //! * `http`: the same two verbs as JSON over HTTP/1.1 on 127.0.0.1 in `NodeNames` mode;
 //! * `core`: per-node cost of `gm_core::placement::place` and of the allocation-free
-//!   `fit_score` screen on the same node states.
+//!   `fit_score` screen on the same node states;
+//! * `fgd`: filter + prioritize under `fgd` and `fgd+` (workload learned from the 40,000
+//!   pods), with every node's score cached, with one node changed between requests, and cold
+//!   (two pod shapes alternating, so every node is scored afresh).
 //!
 //! Besides criterion's statistics, each group prints p50 / p99 over 2,000 timed runs
 //! (criterion reports means and medians, the targets are p99).
@@ -22,7 +25,7 @@ use gm_core::placement::{fit_score, place, Eligibility, NodeView};
 use gm_core::topology::Topology;
 use gm_core::{GpuRequest, Link, NodeInventory, NodeLedger, PodGpuRequest, Policy};
 use gm_extender::wire::ExtenderArgs;
-use gm_extender::{App, ClusterState, ExtenderArgs as Flags, Leadership, Metrics};
+use gm_extender::{App, ClusterState, ExtenderArgs as Flags, ExtenderPolicy, Leadership, Metrics};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
 
@@ -54,13 +57,24 @@ impl Rng {
 }
 
 fn pod_object(ns: &str, name: &str, req: GpuRequest, placed: Option<(&str, &[u32])>) -> Value {
+    pod_object_cpu(ns, name, req, placed, 4)
+}
+
+fn pod_object_cpu(
+    ns: &str,
+    name: &str,
+    req: GpuRequest,
+    placed: Option<(&str, &[u32])>,
+    cpu_cores: u64,
+) -> Value {
     let limits = match req {
         GpuRequest::Share { cores, blocks } => json!({
             "tencent.com/vcuda-core": cores.to_string(), "tencent.com/vcuda-memory": blocks.to_string()}),
         GpuRequest::Whole { cards } => json!({"tencent.com/vcuda-core": (cards * 100).to_string()}),
     };
     let mut ann = serde_json::Map::new();
-    let mut spec = json!({"containers": [{"name": "main", "image": "trainer:1", "resources": {"limits": limits}}]});
+    let mut spec = json!({"containers": [{"name": "main", "image": "trainer:1", "resources": {
+        "limits": limits, "requests": {"cpu": cpu_cores.to_string()}}}]});
     if let Some((node, cards)) = placed {
         let idx: Vec<String> = cards.iter().map(u32::to_string).collect();
         ann.insert(
@@ -98,7 +112,8 @@ fn cluster() -> (Arc<ClusterState>, Vec<String>, Vec<NodeLedger>) {
     for n in 0..NODES {
         let name = format!("gpu-node-{n:05}");
         let node: Node = serde_json::from_value(json!({
-            "metadata": {"name": name, "annotations": {"tencent.com/gpu-inventory": inv_json}}
+            "metadata": {"name": name, "annotations": {"tencent.com/gpu-inventory": inv_json}},
+            "status": {"allocatable": {"cpu": "128"}},
         }))
         .unwrap();
         state.apply_node(&node);
@@ -127,11 +142,12 @@ fn cluster() -> (Arc<ClusterState>, Vec<String>, Vec<NodeLedger>) {
             };
             ledger.allocate(&p.assignment).unwrap();
             let cards = &p.cards[&gm_core::request::Slot::App(0)];
-            let obj = pod_object(
+            let obj = pod_object_cpu(
                 "load",
                 &format!("p-{n:05}-{placed}"),
                 req,
                 Some((&name, cards)),
+                2 + rng.below(10),
             );
             let pod: Pod = serde_json::from_value(obj).unwrap();
             state.apply_pod(&pod);
@@ -158,11 +174,15 @@ fn the_pod() -> Value {
 }
 
 fn app(state: Arc<ClusterState>) -> App {
+    app_with(state, Flags::default())
+}
+
+fn app_with(state: Arc<ClusterState>, flags: Flags) -> App {
     gm_extender::ensure_crypto_provider();
     // Filter and prioritize never call the API; the client points nowhere.
     let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
     let client = kube::Client::try_from(config).unwrap();
-    let settings = Flags::default().settings().unwrap();
+    let settings = flags.settings().unwrap();
     App::new(
         state,
         client,
@@ -300,6 +320,8 @@ fn benches(c: &mut Criterion) {
     g.bench_function("filter_prioritize_5000_nodes", |b| b.iter(decide));
     g.finish();
 
+    fgd_benches(c, &app, &args, &prio_args, &other_args, &names);
+
     // ---- over HTTP ----
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -400,6 +422,105 @@ fn benches(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+/// filter + prioritize under `fgd` and `fgd+` over the same 5,000 nodes.
+fn fgd_benches(
+    c: &mut Criterion,
+    base: &App,
+    args: &ExtenderArgs<'_>,
+    prio_args: &ExtenderArgs<'_>,
+    other_args: &ExtenderArgs<'_>,
+    names: &[String],
+) {
+    let w = base.state().fgd_workload();
+    eprintln!(
+        "fgd: learned workload v{:?} from {} pods, {} task types kept",
+        w.version,
+        w.pods_counted,
+        w.types.len()
+    );
+    for policy in [ExtenderPolicy::Fgd, ExtenderPolicy::FgdPlus] {
+        let app = app_with(
+            base.state().clone(),
+            Flags {
+                policy,
+                ..Flags::default()
+            },
+        );
+        let decide = |a: &ExtenderArgs<'_>, p: &ExtenderArgs<'_>| {
+            let passing = app.filter(black_box(a)).passing().len();
+            let s = app.prioritize(black_box(p)).unwrap();
+            black_box((passing, s.1.len()))
+        };
+        decide(args, prio_args);
+        report(
+            &format!("{policy}: in-memory filter+prioritize, 5,000 nodes, scores cached"),
+            sample(|| {
+                decide(args, prio_args);
+            }),
+        );
+        // Between two decisions a pod takes (then gives back) a whole free card on one node,
+        // as the previous pod's bind would: that node is scored again, and under fgd+ the host
+        // counts (so the scarcity of every type) usually change.
+        let mut k = 0usize;
+        let mut placed: Option<()> = None;
+        let mut scarcity_changes = 0usize;
+        let mut wall = Vec::with_capacity(SAMPLES);
+        for _ in 0..SAMPLES {
+            let before = app.state().fgd_workload().scarcity;
+            if placed.take().is_some() {
+                app.state().delete_pod("uid-bench-churn");
+            } else {
+                let (node, card) = loop {
+                    k = (k + 7919) % names.len();
+                    let cards = app.state().node_cards(&names[k]).unwrap();
+                    if let Some(c) = cards.iter().position(|c| c.free_cores == 100) {
+                        break (&names[k], c as u32);
+                    }
+                };
+                let churn: Pod = serde_json::from_value(pod_object_cpu(
+                    "bench",
+                    "churn",
+                    GpuRequest::Whole { cards: 1 },
+                    Some((node, &[card])),
+                    8,
+                ))
+                .unwrap();
+                app.state().apply_pod(&churn);
+                placed = Some(());
+            }
+            if app.state().fgd_workload().scarcity != before {
+                scarcity_changes += 1;
+            }
+            let t = Instant::now();
+            decide(args, prio_args);
+            wall.push(t.elapsed());
+        }
+        eprintln!(
+            "{policy}: the scarcity changed before {scarcity_changes} of {SAMPLES} decisions"
+        );
+        report(
+            &format!("{policy}: in-memory filter+prioritize, one node's cards changed in between"),
+            wall,
+        );
+        let mut flip = false;
+        report(
+            &format!("{policy}: in-memory filter alone, cold (every node scored; prioritize then reuses it)"),
+            sample(|| {
+                flip = !flip;
+                let a = if flip { other_args } else { args };
+                let passing = app.filter(black_box(a)).passing().len();
+                black_box(passing);
+            }),
+        );
+        let mut g = c.benchmark_group(format!("fgd_{}", policy.name().replace('+', "_plus")));
+        g.sample_size(30);
+        g.bench_function("filter_prioritize_cached", |b| {
+            b.iter(|| decide(args, prio_args))
+        });
+        g.finish();
+    }
 }
 
 criterion_group!(decision, benches);

@@ -2,12 +2,17 @@
 //! environment variable `GPU_ADMISSION_<FLAG>`.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gm_core::annotations::Keys;
+use gm_core::duration::{format_duration, parse_duration};
+use gm_core::fgd::TargetWorkload;
+use gm_core::fgd_plus::PlusConfig;
 use gm_core::ResourceNames;
 
 use crate::error::ExtenderError;
+use crate::fgd::FgdSettings;
 use crate::policy::ExtenderPolicy;
 
 /// Flags of the scheduler extender.
@@ -22,10 +27,27 @@ pub struct ExtenderArgs {
     )]
     pub extender_addr: SocketAddr,
 
-    /// Default placement policy: binpack, spread or topology. A pod may pick another with
-    /// the `<domain>/gpu-policy` annotation.
+    /// Default placement policy: binpack, spread, topology, fgd or fgd+. A pod may pick
+    /// another with the `<domain>/gpu-policy` annotation.
     #[arg(long, env = "GPU_ADMISSION_POLICY", default_value = "binpack")]
     pub policy: ExtenderPolicy,
+
+    /// FGD's target workload as a JSON file (`{"coverage": 1.0, "types": [{"cpuMilli": 4000,
+    /// "gpus": 1, "gpuCores": 50, "models": ["T4"], "weight": 3}, ...]}`, see
+    /// docs/simulator.md); also fgd+'s capability workload. Without it the workload is learned
+    /// from the GPU pods the cluster runs.
+    #[arg(long, env = "GPU_ADMISSION_FGD_WORKLOAD")]
+    pub fgd_workload: Option<PathBuf>,
+
+    /// Share of the learned GPU pods FGD's target workload covers (the most popular task types
+    /// first; the paper: 0.95). Ignored with --fgd-workload, whose file sets its own.
+    #[arg(long, env = "GPU_ADMISSION_FGD_COVERAGE", default_value_t = gm_core::fgd::PAPER_COVERAGE)]
+    pub fgd_coverage: f64,
+
+    /// fgd+ settings, comma-separated key=value (e.g. `primary=10,cap-weight=1`; see
+    /// docs/simulator.md); empty = the published policy.
+    #[arg(long, env = "GPU_ADMISSION_FGD_PLUS_CONFIG", default_value = "")]
+    pub fgd_plus_config: String,
 
     /// Domain of the extended resources and annotations (`<domain>/vcuda-core`, ...).
     #[arg(
@@ -44,6 +66,14 @@ pub struct ExtenderArgs {
     /// scheduler's extender `httpTimeout`.
     #[arg(long, env = "GPU_ADMISSION_API_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub api_timeout: Duration,
+
+    /// Longest a bind waits at the admission gate: a pod is bound to a node only once no pod
+    /// placed there before it, still waiting for the kubelet's device allocation, has a request
+    /// of the same size on other cards (the device plugin could not tell the two apart). On
+    /// timeout the bind fails and kube-scheduler retries the pod. Keep this plus --api-timeout
+    /// below the scheduler's extender `httpTimeout` (15s in deploy/).
+    #[arg(long, env = "GPU_ADMISSION_BIND_GATE_TIMEOUT", default_value = "4s", value_parser = parse_duration)]
+    pub bind_gate_timeout: Duration,
 
     /// Largest request body accepted, in bytes (`Nodes` mode sends whole node objects).
     #[arg(long, env = "GPU_ADMISSION_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
@@ -83,9 +113,13 @@ impl Default for ExtenderArgs {
         Self {
             extender_addr: SocketAddr::from(([0, 0, 0, 0], 3456)),
             policy: ExtenderPolicy::Core(gm_core::Policy::Binpack),
+            fgd_workload: None,
+            fgd_coverage: gm_core::fgd::PAPER_COVERAGE,
+            fgd_plus_config: String::new(),
             resource_domain: gm_core::resources::DEFAULT_DOMAIN.to_string(),
             reservation_ttl: Duration::from_secs(60),
             api_timeout: Duration::from_secs(10),
+            bind_gate_timeout: Duration::from_secs(4),
             max_body_bytes: 64 * 1024 * 1024,
             leader_elect: false,
             lease_name: "gpu-admission".into(),
@@ -106,9 +140,13 @@ pub struct Settings {
     pub keys: Keys,
     pub reservation_ttl: Duration,
     pub api_timeout: Duration,
+    /// Longest wait at the admission gate of bind.
+    pub bind_gate_timeout: Duration,
     pub max_body_bytes: usize,
     /// `Some` with `--leader-elect`.
     pub lease: Option<LeaseSettings>,
+    /// FGD's and fgd+'s workload and knobs.
+    pub fgd: FgdSettings,
 }
 
 /// Leader-election settings.
@@ -147,6 +185,25 @@ impl ExtenderArgs {
         if self.max_body_bytes < 1024 {
             return Err(bad("--max-body-bytes", "must be at least 1024".into()));
         }
+        if !(self.fgd_coverage > 0.0 && self.fgd_coverage <= 1.0) {
+            return Err(bad(
+                "--fgd-coverage",
+                format!(
+                    "{} is out of range: use a share in (0, 1], e.g. 0.95",
+                    self.fgd_coverage
+                ),
+            ));
+        }
+        let plus: PlusConfig =
+            self.fgd_plus_config
+                .parse()
+                .map_err(|e: gm_core::fgd_plus::PlusConfigError| {
+                    bad("--fgd-plus-config", e.to_string())
+                })?;
+        let workload = match &self.fgd_workload {
+            None => None,
+            Some(path) => Some(read_workload(path).map_err(|p| bad("--fgd-workload", p))?),
+        };
         let lease = if self.leader_elect {
             if self.lease_retry_period.is_zero()
                 || self.lease_retry_period * 2 > self.lease_duration
@@ -155,8 +212,8 @@ impl ExtenderArgs {
                     "--lease-retry-period",
                     format!(
                         "{} must be positive and at most half of --lease-duration ({})",
-                        fmt_duration(self.lease_retry_period),
-                        fmt_duration(self.lease_duration)
+                        format_duration(self.lease_retry_period),
+                        format_duration(self.lease_duration)
                     ),
                 ));
             }
@@ -198,58 +255,27 @@ impl ExtenderArgs {
             names,
             reservation_ttl: self.reservation_ttl,
             api_timeout: self.api_timeout,
+            bind_gate_timeout: self.bind_gate_timeout,
             max_body_bytes: self.max_body_bytes,
             lease,
+            fgd: FgdSettings {
+                workload,
+                coverage: self.fgd_coverage,
+                plus,
+            },
         })
     }
 }
 
-/// Parse a duration such as `500ms`, `30s`, `2m`, `1h` or `1m30s` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let form = "use a duration such as 500ms, 30s, 2m, 1h or 1m30s";
-    let t = s.trim();
-    if t.is_empty() {
-        return Err(format!("empty duration: {form}"));
-    }
-    if t.bytes().all(|b| b.is_ascii_digit()) {
-        return t
-            .parse::<u64>()
-            .map(Duration::from_secs)
-            .map_err(|_| format!("{s:?} is too large: {form}"));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(format!("{s:?} is not a duration: {form}"));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{s:?} is too large: {form}"))?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "" => return Err(format!("{s:?} has a number without a unit: {form}")),
-            u => return Err(format!("{s:?} has the unknown unit {u:?}: {form}")),
-        };
-        rest = &rest[unit_len..];
-        total = total.saturating_add(unit);
-    }
-    Ok(total)
-}
+/// The format of `--fgd-workload`, for error messages.
+const WORKLOAD_FORM: &str = r#"expected {"coverage": <share in (0, 1], default 1>, "types": [{"cpuMilli": <milli-cores>, "gpus": <cards, 0 = CPU-only>, "gpuCores": <vcuda-core per card: 1-99 a share of one card, 100 whole cards>, "models": [<allowed GPU models>], "weight": <positive number>}, ...]} (see docs/simulator.md)"#;
 
-/// Render a duration the way [`parse_duration`] reads it.
-pub fn fmt_duration(d: Duration) -> String {
-    if d.subsec_millis() != 0 || d.as_secs() == 0 {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{}s", d.as_secs())
-    }
+/// Read a configured target workload; the error names the file, the problem and the format.
+fn read_workload(path: &Path) -> Result<TargetWorkload, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    TargetWorkload::from_config_json(&text)
+        .map_err(|e| format!("{}: {e}; {WORKLOAD_FORM}", path.display()))
 }
 
 #[cfg(test)]
@@ -302,11 +328,14 @@ mod tests {
         let e = Cli::try_parse_from(["x", "--policy", "fastest"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("use one of binpack, spread, topology"), "{e}");
+        assert!(
+            e.contains("use one of binpack, spread, topology, fgd, fgd+"),
+            "{e}"
+        );
         let e = Cli::try_parse_from(["x", "--reservation-ttl", "5 parsecs"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("use a duration such as"), "{e}");
+        assert!(e.contains("use a positive duration such as"), "{e}");
         let cli = Cli::try_parse_from(["x", "--resource-domain", "Bad_Domain"]).unwrap();
         let e = cli.ext.settings_with_env(|_| None).unwrap_err().to_string();
         assert!(
@@ -331,15 +360,116 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse_in_go_style() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
-        for bad in ["", "s", "10x", "1.5s", "-1s", "10 s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
+    fn duration_flags_take_compound_forms_and_name_the_flag_when_refused() {
+        let cli =
+            Cli::try_parse_from(["x", "--reservation-ttl", "1m30s", "--api-timeout", "500ms"])
+                .unwrap();
+        assert_eq!(cli.ext.reservation_ttl, Duration::from_secs(90));
+        assert_eq!(cli.ext.api_timeout, Duration::from_millis(500));
+        let e = Cli::try_parse_from(["x", "--api-timeout", "1.5s"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--api-timeout") && e.contains("not a duration"),
+            "{e}"
+        );
+    }
+
+    fn fgd_settings(flags: &[&str]) -> Result<Settings, String> {
+        let mut argv = vec!["x"];
+        argv.extend_from_slice(flags);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        cli.ext
+            .settings_with_env(|_| None)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn fgd_and_fgd_plus_are_policies_with_a_coverage_and_a_plus_config() {
+        let s = fgd_settings(&["--policy", "fgd"]).unwrap();
+        assert_eq!(s.policy, ExtenderPolicy::Fgd);
+        assert_eq!(s.fgd.coverage, 0.95);
+        assert!(s.fgd.workload.is_none(), "learned by default");
+        let s = fgd_settings(&[
+            "--policy",
+            "fgd+",
+            "--fgd-coverage",
+            "0.9",
+            "--fgd-plus-config",
+            "primary=20,cap-weight=0.5",
+        ])
+        .unwrap();
+        assert_eq!(s.policy, ExtenderPolicy::FgdPlus);
+        assert_eq!(s.fgd.coverage, 0.9);
+        assert_eq!(s.fgd.plus.cap_weight, 0.5);
+        for bad in ["0", "1.5", "-1"] {
+            let flag = format!("--fgd-coverage={bad}");
+            let e = fgd_settings(&[&flag]).unwrap_err();
+            assert!(
+                e.starts_with("--fgd-coverage: ") && e.contains("use a share in (0, 1]"),
+                "{e}"
+            );
         }
-        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1500ms");
-        assert_eq!(fmt_duration(Duration::from_secs(15)), "15s");
+        let e = fgd_settings(&["--fgd-plus-config", "primary=fast"]).unwrap_err();
+        assert!(
+            e.starts_with("--fgd-plus-config: invalid fgd+ setting \"primary=fast\"")
+                && e.contains("use comma-separated key=value"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_configured_workload_file_is_read_and_its_errors_name_file_problem_and_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let good = write(
+            "good.json",
+            r#"{"types": [{"cpuMilli": 4000, "gpus": 1, "gpuCores": 50, "models": ["T4"], "weight": 3},
+                         {"cpuMilli": 8000, "gpus": 2, "gpuCores": 100, "weight": 1}]}"#,
+        );
+        let s = fgd_settings(&["--policy", "fgd", "--fgd-workload", &good]).unwrap();
+        let w = s.fgd.workload.unwrap();
+        assert_eq!(w.len(), 2);
+        assert_eq!(w.types()[0].probability, 0.75);
+
+        let missing = dir.path().join("nope.json").display().to_string();
+        let e = fgd_settings(&["--fgd-workload", &missing]).unwrap_err();
+        assert!(
+            e.starts_with(&format!("--fgd-workload: cannot read {missing}: ")),
+            "{e}"
+        );
+        let not_json = write("bad.json", "{\"types\": [");
+        let e = fgd_settings(&["--fgd-workload", &not_json]).unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "--fgd-workload: {not_json}: workload configuration is not valid JSON"
+            )) && e.contains(r#"expected {"coverage""#)
+                && e.contains("docs/simulator.md"),
+            "{e}"
+        );
+        let bad_entry = write(
+            "entry.json",
+            r#"{"types": [{"weight": 1}, {"gpus": 2, "gpuCores": 50, "weight": 1}]}"#,
+        );
+        let e = fgd_settings(&["--fgd-workload", &bad_entry]).unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "{bad_entry}: workload type #1: gpus 2 with gpuCores 50: a share (gpuCores 1-99) uses exactly one card"
+            )),
+            "{e}"
+        );
+        let unknown = write("unknown.json", r#"{"types": [{"gpu": 1, "weight": 1}]}"#);
+        let e = fgd_settings(&["--fgd-workload", &unknown]).unwrap_err();
+        assert!(
+            e.contains("unknown field `gpu`") && e.contains("gpuCores"),
+            "{e}"
+        );
+        let empty = write("empty.json", r#"{"types": []}"#);
+        let e = fgd_settings(&["--fgd-workload", &empty]).unwrap_err();
+        assert!(e.contains("the workload is empty"), "{e}");
     }
 }

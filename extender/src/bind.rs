@@ -165,6 +165,11 @@ impl App {
             .plan_bind(&pod, policy, &args.node)
             .map_err(|e| format!("{who}: {e}"))?;
         let uid: Uid = pod.uid.clone();
+        if let Err(e) = self.admission_gate(&pod, &args.node).await {
+            self.roll_back(&pod, &uid, &plan, false).await;
+            return Err(format!("{who}: {e}"));
+        }
+        let deadline = Instant::now() + self.shared().api_timeout;
         let mut patched = false;
         let result = async {
             if plan.needs_patch {
@@ -194,6 +199,49 @@ impl App {
                 self.roll_back(&pod, &uid, &plan, patched).await;
                 Err(format!("{who}: {e}"))
             }
+        }
+    }
+
+    /// Wait until the kubelet cannot confuse this pod's placement on `node` with another one's:
+    /// no pod placed there before it, still waiting for devices, has a request of the same size
+    /// on other cards (`ClusterState` `gate_blockers`). The kubelet's device requests name no
+    /// pod, so binding such a pair at once lets it admit them in either order and hand each the
+    /// other's cards. Same-sized pods on the same cards, and pods of other sizes, pass at once.
+    async fn admission_gate(&self, pod: &GpuPod, node: &str) -> Result<(), String> {
+        let timeout = self.shared().bind_gate_timeout;
+        let start = Instant::now();
+        let mut logged = false;
+        loop {
+            let blockers = {
+                let inner = self.state().read();
+                match inner.reservations.get(&pod.uid) {
+                    Some(r) if &*r.node == node => {
+                        inner.gate_blockers(&pod.uid, node, &pod.request, &r.cards, r.ticket)
+                    }
+                    _ => Vec::new(),
+                }
+            };
+            let waited = start.elapsed();
+            if blockers.is_empty() {
+                if logged {
+                    self.shared().metrics.observe_gate(waited, false);
+                    tracing::debug!(pod = %format!("{}/{}", pod.namespace, pod.name), node, waited_ms = waited.as_millis() as u64, "admission gate open");
+                }
+                return Ok(());
+            }
+            if waited >= timeout {
+                self.shared().metrics.observe_gate(waited, true);
+                return Err(format!(
+                    "not bound to node {node} yet: pod(s) {} placed there before it still wait for the kubelet to allocate their devices and ask for as many vcuda-core or vcuda-memory as it does on other cards, so the kubelet could swap their devices (waited {}ms, --bind-gate-timeout); the scheduler retries the pod",
+                    blockers.join(", "),
+                    waited.as_millis()
+                ));
+            }
+            if !logged {
+                tracing::debug!(pod = %format!("{}/{}", pod.namespace, pod.name), node, blockers = %blockers.join(","), "waiting at the admission gate");
+                logged = true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -260,6 +308,7 @@ impl App {
                 cards: placement.cards,
                 annotations: annotations.clone(),
                 expires: Instant::now() + state.reservation_ttl(),
+                ticket: 0,
             },
         )?;
         Ok(Plan {
@@ -425,6 +474,7 @@ impl App {
                                         cards: pod.annotations.cards.clone(),
                                         annotations: annotations.clone(),
                                         expires: Instant::now() + state.reservation_ttl(),
+                                        ticket: 0,
                                     },
                                 )
                                 .is_ok(),
@@ -448,7 +498,7 @@ impl App {
             let mut plan_failed = None;
             if winner.is_none() {
                 let s = inner.screen(&ctx, &inner.resolve(&names));
-                if let Some(i) = best(&s, &names) {
+                if let Some(i) = best(&s, &names, policy.tie_order()) {
                     match inner.plan(&ctx, names[i]) {
                         Ok(p) => {
                             let annotations =
@@ -463,6 +513,7 @@ impl App {
                                         cards: p.cards.clone(),
                                         annotations: annotations.clone(),
                                         expires: Instant::now() + state.reservation_ttl(),
+                                        ticket: 0,
                                     },
                                 )
                             });

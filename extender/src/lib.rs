@@ -7,7 +7,10 @@
 //! * [`server`]: the routes — `filter`, `prioritize`, `bind`, the legacy `predicates`,
 //!   `/healthz`, `/readyz`, `/metrics`;
 //! * [`policy`]: which placement policy decides (flag `--policy`, pod annotation
-//!   `<domain>/gpu-policy`); the placement itself is `gm_core::placement`;
+//!   `<domain>/gpu-policy`); the placement itself is `gm_core::placement`, `gm_core::fgd` and
+//!   `gm_core::fgd_plus`;
+//! * [`fgd`]: FGD's target workload (configured or learned from the GPU pods), per-node
+//!   access, `fgd+`'s host counts and the per-node score cache;
 //! * [`leader`]: Lease-based leader election for several replicas;
 //! * [`args`]: the flags, mounted by the `gpu-admission` binary.
 //!
@@ -25,6 +28,7 @@ pub mod args;
 mod bind;
 mod decide;
 pub mod error;
+pub mod fgd;
 pub mod hash;
 pub mod informer;
 pub mod leader;
@@ -43,6 +47,7 @@ use tokio::sync::watch;
 
 pub use args::{ExtenderArgs, Settings};
 pub use error::ExtenderError;
+pub use fgd::{FgdSettings, FgdWorkload};
 pub use leader::Leadership;
 pub use metrics::Metrics;
 pub use policy::ExtenderPolicy;
@@ -73,10 +78,10 @@ impl Extender {
     pub fn new(args: &ExtenderArgs) -> Result<Self, ExtenderError> {
         let settings = args.settings()?;
         ensure_crypto_provider();
-        let state = Arc::new(ClusterState::new(
-            settings.names.clone(),
-            settings.reservation_ttl,
-        ));
+        let state = Arc::new(
+            ClusterState::new(settings.names.clone(), settings.reservation_ttl)
+                .with_fgd(settings.fgd.clone()),
+        );
         let leadership = Arc::new(if settings.lease.is_some() {
             Leadership::elected()
         } else {

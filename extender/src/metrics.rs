@@ -4,6 +4,8 @@
 //! |---|---|---|---|
 //! | `gpu_admission_extender_decision_seconds` | histogram | `verb` | time to answer one request, parse to response |
 //! | `gpu_admission_extender_decisions_total` | counter | `verb`, `outcome` | answers by outcome |
+//! | `gpu_admission_extender_bind_gate_seconds` | histogram | | time binds waited at the admission gate (only binds that waited) |
+//! | `gpu_admission_extender_bind_gate_timeouts_total` | counter | | binds refused because the gate stayed closed for `--bind-gate-timeout` |
 //! | `gpu_admission_extender_reservations` | gauge | | in-flight reservations |
 //! | `gpu_admission_extender_pending_charges` | gauge | | pod charges that do not fit their node |
 //! | `gpu_admission_extender_gpu_pods` | gauge | | live GPU pods known |
@@ -14,7 +16,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::state::ClusterState;
@@ -58,6 +61,8 @@ pub struct Metrics {
     registry: Registry,
     latency: HistogramVec,
     outcomes: IntCounterVec,
+    gate_wait: Histogram,
+    gate_timeouts: IntCounter,
     reservations: IntGauge,
     pending: IntGauge,
     pods: IntGauge,
@@ -88,6 +93,17 @@ impl Metrics {
             ),
             &["verb", "outcome"],
         )?;
+        let gate_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "gpu_admission_extender_bind_gate_seconds",
+                "Time binds waited at the admission gate for same-sized pods on other cards to get their devices (binds that waited).",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )?;
+        let gate_timeouts = IntCounter::new(
+            "gpu_admission_extender_bind_gate_timeouts_total",
+            "Binds refused because the admission gate stayed closed for --bind-gate-timeout.",
+        )?;
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let reservations = gauge(
             "gpu_admission_extender_reservations",
@@ -112,6 +128,8 @@ impl Metrics {
         )?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(outcomes.clone()))?;
+        registry.register(Box::new(gate_wait.clone()))?;
+        registry.register(Box::new(gate_timeouts.clone()))?;
         for g in [&reservations, &pending, &pods, &nodes, &synced, &leader] {
             registry.register(Box::new(g.clone()))?;
         }
@@ -119,6 +137,8 @@ impl Metrics {
             registry,
             latency,
             outcomes,
+            gate_wait,
+            gate_timeouts,
             reservations,
             pending,
             pods,
@@ -136,6 +156,14 @@ impl Metrics {
         self.outcomes
             .with_label_values(&[verb, outcome.label()])
             .inc();
+    }
+
+    /// A bind that waited at the admission gate: for `waited`, then passed or timed out.
+    pub fn observe_gate(&self, waited: Duration, timed_out: bool) {
+        self.gate_wait.observe(waited.as_secs_f64());
+        if timed_out {
+            self.gate_timeouts.inc();
+        }
     }
 
     /// The text exposition, with the gauges read from `state` now.

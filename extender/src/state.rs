@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGua
 use std::time::{Duration, Instant};
 
 use gm_core::annotations::{Keys, ModelFilter, PodAnnotations};
+use gm_core::fgd::TaskType;
 use gm_core::inventory::NodeInventory;
 use gm_core::ledger::{pod_assignment, CardState, KeyedLedger};
 use gm_core::placement::{Eligibility, NodeView};
@@ -28,6 +29,7 @@ use gm_core::topology::Topology;
 use gm_core::{Assignment, NodeLedger, PodGpuRequest, ResourceNames};
 use k8s_openapi::api::core::v1::{Node, Pod};
 
+use crate::fgd::{FgdSettings, FgdState, FgdWorkload, NodeFacts};
 use crate::hash::{FastMap, NameKey};
 
 /// A pod UID.
@@ -65,6 +67,10 @@ pub(crate) struct NodeSlot {
     pub pending: BTreeMap<Uid, Assignment>,
     /// The node's labels (quota pools and models), shared with the admission webhook.
     pub labels: Arc<BTreeMap<String, String>>,
+    /// `status.allocatable.cpu` in milli-cores, if the node object says.
+    pub cpu_allocatable: Option<u64>,
+    /// CPU requested by the pods bound (or reserved) here, milli-cores.
+    pub cpu_requested: u64,
 }
 
 impl NodeSlot {
@@ -76,7 +82,15 @@ impl NodeSlot {
             ledger: KeyedLedger::new(NodeLedger::from_blocks([])),
             pending: BTreeMap::new(),
             labels: Arc::default(),
+            cpu_allocatable: None,
+            cpu_requested: 0,
         }
+    }
+
+    /// Unrequested CPU in milli-cores (`None` when the node's allocatable CPU is unknown).
+    pub fn cpu_free(&self) -> Option<u64> {
+        self.cpu_allocatable
+            .map(|a| a.saturating_sub(self.cpu_requested))
     }
 
     /// The placement view of this node, when it has a usable inventory.
@@ -145,10 +159,15 @@ pub(crate) struct GpuPod {
     /// `spec.nodeName`
     pub node_name: Option<String>,
     pub request: PodGpuRequest,
+    /// The pod's CPU request in milli-cores (0 when it does not say or cannot be read).
+    pub cpu_milli: u64,
     pub annotations: PodAnnotations,
     /// Every reserved annotation key the pod carries (ours and the device plugin's), so a
     /// re-placement can remove the ones it does not rewrite.
     pub reserved_keys: Vec<String>,
+    /// Pending, not being deleted, and the device plugin has not yet said `gpu-assigned=true`:
+    /// the kubelet has still to allocate its devices.
+    pub awaits_devices: bool,
 }
 
 /// Why a pod is not a GPU pod we can work with.
@@ -192,14 +211,23 @@ impl GpuPod {
             .filter(|k| keys.is_reserved(k))
             .cloned()
             .collect();
+        let cpu_milli = gm_core::fgd::pod_cpu_milli(spec).unwrap_or_else(|problem| {
+            tracing::debug!(pod = uid, %problem, "the pod's CPU request cannot be read; counted as 0");
+            0
+        });
+        let awaits_devices = matches!(phase, None | Some("Pending"))
+            && meta.deletion_timestamp.is_none()
+            && annotations.assigned != Some(true);
         Ok(Self {
             uid: Arc::from(uid),
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
             node_name: spec.node_name.clone().filter(|n| !n.is_empty()),
             request,
+            cpu_milli,
             annotations,
             reserved_keys,
+            awaits_devices,
         })
     }
 
@@ -225,6 +253,26 @@ impl GpuPod {
     }
 }
 
+/// A pod's GPU containers with their cards, as the admission gate compares them (containers
+/// without cards are left out: the device plugin places those itself).
+fn awaiting_containers<'a>(
+    request: &PodGpuRequest,
+    cards: &'a BTreeMap<Slot, Vec<u32>>,
+) -> Vec<gm_core::devices::AwaitingContainer<'a>> {
+    request
+        .containers
+        .iter()
+        .filter_map(|c| {
+            cards
+                .get(&c.slot)
+                .map(|cs| gm_core::devices::AwaitingContainer {
+                    request: c.request,
+                    cards: cs.as_slice(),
+                })
+        })
+        .collect()
+}
+
 /// A live GPU pod.
 #[derive(Debug, Clone)]
 pub(crate) struct PodRecord {
@@ -242,6 +290,9 @@ pub(crate) struct Reservation {
     /// The annotations written (or being written) for it.
     pub annotations: BTreeMap<String, String>,
     pub expires: Instant,
+    /// Order of reservation (set by [`Inner::reserve`]): a bind waits at the admission gate
+    /// only for confusable placements reserved before it.
+    pub ticket: u64,
 }
 
 /// Where a pod's charge currently sits.
@@ -278,6 +329,15 @@ pub(crate) struct Inner {
     node_generation: u64,
     /// The GPU pods as the admission webhook reads them: only the fields quota needs.
     slim: HashMap<Uid, Arc<Pod>>,
+    /// Every pod (GPU or not) holding CPU on a node: the node's slot and its CPU request.
+    cpu: HashMap<Uid, (usize, u64)>,
+    /// FGD's workload, per-node access, host counts and score cache.
+    pub fgd: FgdState,
+    /// Per node, the cached GPU pods placed there whose devices the kubelet has not allocated
+    /// yet (see [`GpuPod::awaits_devices`]); the admission gate reads them.
+    awaiting: HashMap<Arc<str>, HashSet<Uid>>,
+    /// The last reservation ticket handed out.
+    last_ticket: u64,
 }
 
 impl Inner {
@@ -294,6 +354,7 @@ impl Inner {
         self.slots.push(NodeSlot::new(name.clone()));
         self.hot.push(Hot::default());
         self.reasons.push(Mutex::new(None));
+        self.fgd.push_slot();
         let i = self.slots.len() - 1;
         self.index.insert(NameKey::new(&name), i);
         i
@@ -321,6 +382,102 @@ impl Inner {
             self.cards[start..start + cards.len()].copy_from_slice(cards);
         }
         hot.len = len;
+        self.fgd_node(i, false);
+    }
+
+    /// Tell FGD's bookkeeping that slot `i` changed.
+    fn fgd_node(&mut self, i: usize, inventory_changed: bool) {
+        if self.fgd.model.is_none() {
+            return;
+        }
+        let slot = &self.slots[i];
+        let facts = match &slot.gpu {
+            NodeGpu::Ready { inv, all, .. } if slot.present => Some(NodeFacts {
+                inventory: inv,
+                cards: slot.ledger.ledger().cards(),
+                healthy: all.healthy,
+                cpu_free: slot.cpu_free(),
+                cpu_allocatable: slot.cpu_allocatable,
+            }),
+            _ => None,
+        };
+        self.fgd.set_node(i, facts, inventory_changed);
+    }
+
+    /// Recompile the learned FGD workload when enough pods came or went.
+    fn fgd_maintain(&mut self) {
+        if self.fgd.due() {
+            self.fgd.recompile();
+            for i in 0..self.slots.len() {
+                self.fgd_node(i, true);
+            }
+        }
+    }
+
+    /// Move the CPU charge of pod `uid` to `want` (slot, milli-cores), or drop it.
+    fn set_cpu(&mut self, uid: &str, want: Option<(usize, u64)>) {
+        let have = self.cpu.get(uid).copied();
+        if have == want {
+            return;
+        }
+        let key: Uid = match self.cpu.remove_entry(uid) {
+            Some((k, _)) => k,
+            None => Arc::from(uid),
+        };
+        if let Some((i, m)) = have {
+            self.slots[i].cpu_requested = self.slots[i].cpu_requested.saturating_sub(m);
+            self.cpu_changed(i);
+        }
+        if let Some((i, m)) = want {
+            self.cpu.insert(key, (i, m));
+            self.slots[i].cpu_requested = self.slots[i].cpu_requested.saturating_add(m);
+            self.cpu_changed(i);
+        }
+    }
+
+    fn cpu_changed(&mut self, i: usize) {
+        let hot = &mut self.hot[i];
+        hot.generation = hot.generation.wrapping_add(1);
+        self.fgd_node(i, false);
+    }
+
+    /// Where a GPU pod's CPU is held: with its cards, else on the node it is bound to.
+    fn reconcile_cpu(&mut self, uid: &str) {
+        let want = self.pods.get(uid).and_then(|rec| {
+            let node = match self.held.get(uid) {
+                Some(h) => h.node.clone(),
+                None => Arc::from(rec.pod.node_name.as_deref()?),
+            };
+            (rec.pod.cpu_milli > 0).then_some((node, rec.pod.cpu_milli))
+        });
+        let want = want.map(|(node, m)| (self.slot_index(&node), m));
+        self.set_cpu(uid, want);
+    }
+
+    /// A pod that is not a GPU pod holds `want` (node, milli-cores) of CPU.
+    fn set_plain_cpu(&mut self, uid: &str, want: Option<(&str, u64)>) {
+        let want = want.map(|(n, m)| (self.slot_index(n), m));
+        self.set_cpu(uid, want);
+    }
+
+    /// The free CPU of node `node` as pod `uid` sees it: with its own CPU given back when it
+    /// is held there.
+    pub(crate) fn cpu_free_seen_by(&self, uid: &str, node: &str) -> Option<u64> {
+        let &i = self.index.get(node.as_bytes())?;
+        let free = self.slots[i].cpu_free()?;
+        Some(match self.cpu.get(uid) {
+            Some(&(j, m)) if j == i => free.saturating_add(m),
+            _ => free,
+        })
+    }
+
+    /// Does the plain pod `uid` hold exactly `want` already?
+    fn holds_cpu(&self, uid: &str, want: Option<(&str, u64)>) -> bool {
+        match (self.cpu.get(uid), want) {
+            (None, None) => true,
+            (Some(&(i, m)), Some((n, wm))) => m == wm && self.index.get(n.as_bytes()) == Some(&i),
+            _ => false,
+        }
     }
 
     /// The screening copy of a slot's card states.
@@ -359,8 +516,13 @@ impl Inner {
             .map(|h| (&h.node, &h.assignment))
     }
 
-    /// Move the pod's charge to where it should be.
+    /// Move the pod's charges (cards and CPU) to where they should be.
     fn reconcile(&mut self, uid: &Uid) {
+        self.reconcile_cards(uid);
+        self.reconcile_cpu(uid);
+    }
+
+    fn reconcile_cards(&mut self, uid: &Uid) {
         let want = self.desired(uid);
         let have = self
             .held
@@ -481,6 +643,7 @@ impl Inner {
         }
         self.retry_pending(i);
         self.sync(i);
+        self.fgd_node(i, true);
     }
 
     fn upsert_pod(&mut self, pod: GpuPod) {
@@ -501,6 +664,13 @@ impl Inner {
                 self.reservations.remove(&uid);
             }
         }
+        self.unindex_awaiting(&uid);
+        if let (true, Some((node, _))) = (pod.awaits_devices, &charge) {
+            self.awaiting
+                .entry(node.clone())
+                .or_default()
+                .insert(uid.clone());
+        }
         let old_ns = self.pods.get(&uid).map(|o| o.pod.namespace.clone());
         if let Some(ns) = old_ns.filter(|ns| *ns != pod.namespace) {
             self.unindex_namespace(&uid, &ns);
@@ -509,8 +679,16 @@ impl Inner {
             .entry(pod.namespace.clone())
             .or_default()
             .insert(uid.clone());
+        let task = TaskType::of_pod(
+            pod.cpu_milli,
+            &pod.request,
+            pod.annotations.filter.models.entries(),
+        );
         self.pods.insert(uid.clone(), PodRecord { pod, charge });
         self.reconcile(&uid);
+        if self.fgd.observe(&uid, task) {
+            self.fgd_maintain();
+        }
     }
 
     fn unindex_namespace(&mut self, uid: &str, ns: &str) {
@@ -522,6 +700,70 @@ impl Inner {
         }
     }
 
+    /// Take a pod out of the per-node index of pods awaiting devices.
+    fn unindex_awaiting(&mut self, uid: &str) {
+        let Some((node, _)) = self.pods.get(uid).and_then(|r| r.charge.as_ref()) else {
+            return;
+        };
+        if let Some(set) = self.awaiting.get_mut(node) {
+            set.remove(uid);
+            if set.is_empty() {
+                self.awaiting.remove(node);
+            }
+        }
+    }
+
+    /// The admission gate: the pods whose placement on `node` the kubelet could confuse with
+    /// the placement of `uid` (its `request` on `cards`), because they wait for devices too —
+    /// cached pods the kubelet has yet to admit, and reservations made before `ticket`.
+    /// Empty when `uid` may be bound now. See `gm_core::devices::confusable`.
+    pub fn gate_blockers(
+        &self,
+        uid: &Uid,
+        node: &str,
+        request: &PodGpuRequest,
+        cards: &BTreeMap<Slot, Vec<u32>>,
+        ticket: u64,
+    ) -> Vec<String> {
+        let mine = awaiting_containers(request, cards);
+        if mine.is_empty() {
+            return Vec::new();
+        }
+        let mut blockers = Vec::new();
+        let mut seen: HashSet<&Uid> = HashSet::new();
+        let cached = self.awaiting.get(node).into_iter().flatten();
+        for other in cached {
+            if other == uid {
+                continue;
+            }
+            let Some(rec) = self.pods.get(other) else {
+                continue;
+            };
+            seen.insert(other);
+            let theirs = awaiting_containers(&rec.pod.request, &rec.pod.annotations.cards);
+            if gm_core::devices::confusable(&mine, &theirs).is_some() {
+                blockers.push(format!("{}/{}", rec.pod.namespace, rec.pod.name));
+            }
+        }
+        for (other, r) in &self.reservations {
+            if other == uid || r.ticket >= ticket || &*r.node != node || seen.contains(other) {
+                continue;
+            }
+            let Some(rec) = self.pods.get(other) else {
+                continue;
+            };
+            if !rec.pod.awaits_devices {
+                continue;
+            }
+            let theirs = awaiting_containers(&rec.pod.request, &r.cards);
+            if gm_core::devices::confusable(&mine, &theirs).is_some() {
+                blockers.push(format!("{}/{}", rec.pod.namespace, rec.pod.name));
+            }
+        }
+        blockers.sort();
+        blockers
+    }
+
     fn remove_pod(&mut self, uid: &str) {
         let Some(key) = self
             .pods
@@ -529,18 +771,29 @@ impl Inner {
             .map(|(k, _)| k.clone())
             .or_else(|| self.reservations.get_key_value(uid).map(|(k, _)| k.clone()))
         else {
+            self.set_cpu(uid, None);
             return;
         };
+        self.unindex_awaiting(uid);
         if let Some(rec) = self.pods.remove(uid) {
             self.unindex_namespace(uid, &rec.pod.namespace);
         }
         self.slim.remove(uid);
         self.reservations.remove(uid);
         self.reconcile(&key);
+        self.fgd.forget(uid);
+        self.fgd_maintain();
     }
 
     /// Record a reservation for `uid` and charge it (releasing whatever the pod held before).
-    pub fn reserve(&mut self, uid: &Uid, r: Reservation) -> Result<(), String> {
+    pub fn reserve(&mut self, uid: &Uid, mut r: Reservation) -> Result<(), String> {
+        r.ticket = match self.reservations.get(uid) {
+            Some(old) if old.node == r.node => old.ticket,
+            _ => {
+                self.last_ticket += 1;
+                self.last_ticket
+            }
+        };
         let (node, assignment) = (r.node.clone(), r.assignment.clone());
         self.reservations.insert(uid.clone(), r);
         self.reconcile(uid);
@@ -767,9 +1020,32 @@ impl ClusterState {
     }
 
     pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Inner> {
-        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.write_quiet();
         inner.generation = inner.generation.wrapping_add(1);
         inner
+    }
+
+    /// The write lock without a new generation: the caller bumps it if a decision could see
+    /// the change.
+    fn write_quiet(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Use `settings` for FGD and `fgd+` (a configured workload is compiled at once). Call
+    /// before the informers start.
+    pub fn with_fgd(self, settings: FgdSettings) -> Self {
+        {
+            let mut inner = self.write();
+            let slots = inner.slots.len();
+            inner.fgd = FgdState::new(settings);
+            for _ in 0..slots {
+                inner.fgd.push_slot();
+            }
+            for i in 0..slots {
+                inner.fgd_node(i, true);
+            }
+        }
+        self
     }
 
     /// Remember the nodes a filter found fitting, for the prioritize call that follows.
@@ -829,8 +1105,13 @@ impl ClusterState {
         };
         let gpu = node_gpu(node, &self.keys);
         let labels = node.metadata.labels.clone().unwrap_or_default();
+        let cpu = allocatable_cpu(node);
         let mut inner = self.write();
         let i = inner.slot_index(name);
+        if inner.slots[i].cpu_allocatable != cpu {
+            inner.slots[i].cpu_allocatable = cpu;
+            inner.cpu_changed(i);
+        }
         if !inner.slots[i].present {
             inner.slots[i].present = true;
             inner.sync(i);
@@ -898,9 +1179,27 @@ impl ClusterState {
                 if let NotGpu::Invalid(problem) = not_gpu {
                     tracing::debug!(pod = uid, %problem, "pod's GPU request is invalid; it is not accounted");
                 }
-                let mut inner = self.write();
+                // Its CPU still counts on its node (FGD's fragmentation reads the node's CPU).
+                let cpu = plain_cpu(pod);
+                let want = cpu.as_ref().map(|(n, m)| (n.as_str(), *m));
+                {
+                    let inner = self.read();
+                    let known =
+                        inner.pods.contains_key(uid) || inner.reservations.contains_key(uid);
+                    if !known && inner.holds_cpu(uid, want) {
+                        return;
+                    }
+                }
+                let mut inner = self.write_quiet();
+                let ready_before = inner.cpu.get(uid).is_some_and(|&(i, _)| inner.hot[i].ready);
                 if inner.pods.contains_key(uid) || inner.reservations.contains_key(uid) {
+                    inner.generation = inner.generation.wrapping_add(1);
                     inner.remove_pod(uid);
+                }
+                inner.set_plain_cpu(uid, want);
+                let ready_after = inner.cpu.get(uid).is_some_and(|&(i, _)| inner.hot[i].ready);
+                if ready_before || ready_after {
+                    inner.generation = inner.generation.wrapping_add(1);
                 }
             }
         }
@@ -918,6 +1217,7 @@ impl ClusterState {
             .pods
             .keys()
             .chain(inner.reservations.keys())
+            .chain(inner.cpu.keys())
             .filter(|u| !seen.contains(&***u))
             .cloned()
             .collect();
@@ -931,8 +1231,14 @@ impl ClusterState {
         self.nodes_synced.store(true, Ordering::Release);
     }
 
-    /// The pod informer has delivered its first complete list.
+    /// The pod informer has delivered its first complete list (the learned FGD workload is
+    /// compiled now).
     pub fn mark_pods_synced(&self) {
+        {
+            let mut inner = self.write();
+            inner.fgd.mark_synced();
+            inner.fgd_maintain();
+        }
         self.pods_synced.store(true, Ordering::Release);
     }
 
@@ -1067,6 +1373,19 @@ impl ClusterState {
         self.read().slots.iter().map(|s| s.pending.len()).sum()
     }
 
+    /// The FGD target workload decisions use now (configured or learned).
+    pub fn fgd_workload(&self) -> FgdWorkload {
+        self.read().fgd.summary()
+    }
+
+    /// A node's allocatable CPU (if known) and the CPU requested by the pods on it, in
+    /// milli-cores.
+    pub fn node_cpu(&self, node: &str) -> Option<(Option<u64>, u64)> {
+        self.read()
+            .slot(node)
+            .map(|s| (s.cpu_allocatable, s.cpu_requested))
+    }
+
     /// Number of live GPU pods known.
     pub fn gpu_pod_count(&self) -> usize {
         self.read().pods.len()
@@ -1159,6 +1478,31 @@ fn slim_pod(pod: &Pod) -> Pod {
             ..Default::default()
         }),
     }
+}
+
+/// `status.allocatable.cpu` in milli-cores.
+fn allocatable_cpu(node: &Node) -> Option<u64> {
+    let q = node.status.as_ref()?.allocatable.as_ref()?.get("cpu")?;
+    match gm_core::fgd::cpu_milli(&q.0) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::debug!(node = ?node.metadata.name, error = %e, "the node's allocatable CPU cannot be read");
+            None
+        }
+    }
+}
+
+/// Where a pod that is not a GPU pod holds CPU: its node and CPU request, unless it has
+/// finished, is not bound or requests none.
+fn plain_cpu(pod: &Pod) -> Option<(String, u64)> {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded") | Some("Failed")) {
+        return None;
+    }
+    let spec = pod.spec.as_ref()?;
+    let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
+    let milli = gm_core::fgd::pod_cpu_milli(spec).unwrap_or(0);
+    (milli > 0).then_some((node, milli))
 }
 
 fn node_gpu(node: &Node, keys: &Keys) -> NodeGpu {
@@ -1456,6 +1800,7 @@ mod tests {
             cards: [(Slot::App(0), vec![0])].into(),
             annotations: BTreeMap::new(),
             expires: Instant::now() + Duration::from_secs(60),
+            ticket: 0,
         };
         s.write().reserve(&uid, reservation.clone()).unwrap();
         // A second reservation for the same cards is refused and changes nothing.
@@ -1486,5 +1831,111 @@ mod tests {
         assert_eq!(free(&s, "n1"), vec![60]);
         assert_eq!(s.expire_reservations(Instant::now()), 1);
         assert_eq!(free(&s, "n1"), vec![70]);
+    }
+
+    fn node_with_cpu(name: &str, inv: &NodeInventory, cpu: &str) -> Node {
+        let mut n = node(name, Some(inv));
+        n.status = Some(serde_json::from_value(json!({"allocatable": {"cpu": cpu}})).unwrap());
+        n
+    }
+
+    fn with_cpu(mut p: Pod, cpu: &str) -> Pod {
+        let c = &mut p.spec.as_mut().unwrap().containers[0];
+        let r = c.resources.get_or_insert_with(Default::default);
+        r.requests = Some(
+            [(
+                "cpu".to_string(),
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity(cpu.into()),
+            )]
+            .into(),
+        );
+        p
+    }
+
+    #[test]
+    fn every_bound_pods_cpu_counts_on_its_node_until_it_ends() {
+        let s = state();
+        s.apply_node(&node_with_cpu("n1", &inv(2, "T4", 4096), "16"));
+        assert_eq!(s.node_cpu("n1"), Some((Some(16_000), 0)));
+        // A GPU pod and a CPU-only pod bound to n1; a pending pod holds nothing.
+        s.apply_pod(&with_cpu(
+            pod("a", "gpu", 30, 1, Some("n1"), Some("0")),
+            "4",
+        ));
+        s.apply_pod(&with_cpu(pod("a", "web", 0, 0, Some("n1"), None), "1500m"));
+        s.apply_pod(&with_cpu(pod("a", "waiting", 0, 0, None, None), "2"));
+        assert_eq!(s.node_cpu("n1"), Some((Some(16_000), 5_500)));
+        // The same event again changes nothing; a finished pod and a deleted pod give it back.
+        s.apply_pod(&with_cpu(pod("a", "web", 0, 0, Some("n1"), None), "1500m"));
+        assert_eq!(s.node_cpu("n1").unwrap().1, 5_500);
+        let mut done = with_cpu(pod("a", "web", 0, 0, Some("n1"), None), "1500m");
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        s.apply_pod(&done);
+        assert_eq!(s.node_cpu("n1").unwrap().1, 4_000);
+        s.delete_pod("uid-a-gpu");
+        assert_eq!(s.node_cpu("n1").unwrap().1, 0);
+        // A relist drops CPU-only pods it no longer lists.
+        s.apply_pod(&with_cpu(pod("a", "web2", 0, 0, Some("n1"), None), "1"));
+        s.retain_pods(&HashSet::new());
+        assert_eq!(s.node_cpu("n1").unwrap().1, 0);
+    }
+
+    #[test]
+    fn the_workload_is_learned_from_gpu_pods_once_the_pods_are_listed() {
+        let s = state();
+        s.apply_node(&node("n1", Some(&inv(2, "T4", 4096))));
+        s.apply_pod(&with_cpu(pod("a", "p1", 30, 1, None, None), "2"));
+        s.apply_pod(&with_cpu(pod("a", "p2", 30, 1, None, None), "2"));
+        s.apply_pod(&pod("a", "cpu-only", 0, 0, Some("n1"), None));
+        // Counted, but nothing is compiled before the first complete list.
+        let w = s.fgd_workload();
+        assert_eq!((w.pods_counted, w.version), (2, None));
+        s.mark_pods_synced();
+        let w = s.fgd_workload();
+        let v1 = w.version.expect("compiled at sync");
+        assert_eq!(
+            w.types,
+            vec![(
+                TaskType::new(2000, gm_core::fgd::Demand::Share { cores: 30 }, [""; 0]),
+                1.0
+            )]
+        );
+        // A new kind of pod changes the target; forgetting it changes it back.
+        s.apply_pod(&pod("a", "big", 200, 0, None, None));
+        let w = s.fgd_workload();
+        assert!(w.version.unwrap() > v1);
+        assert_eq!(w.types.len(), 2);
+        assert!((w.types[0].1 - 2.0 / 3.0).abs() < 1e-9);
+        s.delete_pod("uid-a-big");
+        assert_eq!(s.fgd_workload().types.len(), 1);
+        // Status updates of a counted pod do not count it twice.
+        s.apply_pod(&with_cpu(pod("a", "p1", 30, 1, Some("n1"), Some("0")), "2"));
+        assert_eq!(s.fgd_workload().pods_counted, 2);
+    }
+
+    #[test]
+    fn fgd_plus_scarcity_follows_the_nodes_that_can_host_each_type() {
+        let text = r#"{"types": [
+            {"cpuMilli": 1000, "gpus": 1, "gpuCores": 100, "weight": 3},
+            {"cpuMilli": 1000, "gpus": 2, "gpuCores": 100, "weight": 1}]}"#;
+        let settings = FgdSettings {
+            workload: Some(gm_core::fgd::TargetWorkload::from_config_json(text).unwrap()),
+            ..FgdSettings::default()
+        };
+        let s = state().with_fgd(settings);
+        for n in ["n1", "n2"] {
+            s.apply_node(&node_with_cpu(n, &inv(2, "T4", 4096), "8"));
+        }
+        // Both nodes host both types (most probable type first).
+        assert_eq!(s.fgd_workload().scarcity, vec![1.0, 1.0]);
+        // One whole card taken on n1: only n2 can still host two whole cards.
+        s.apply_pod(&pod("a", "one", 100, 0, Some("n1"), Some("1")));
+        assert_eq!(s.fgd_workload().scarcity, vec![1.0, 2.0]);
+        // CPU counts too: n2 without free CPU hosts nothing.
+        s.apply_pod(&with_cpu(pod("a", "hog", 0, 0, Some("n2"), None), "8"));
+        assert_eq!(s.fgd_workload().scarcity, vec![2.0, 2.0]);
+        s.delete_pod("uid-a-one");
+        s.delete_pod("uid-a-hog");
+        assert_eq!(s.fgd_workload().scarcity, vec![1.0, 1.0]);
     }
 }

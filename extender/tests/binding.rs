@@ -56,6 +56,7 @@ fn usage(pods: &[Value]) -> BTreeMap<(String, u32), (u32, u32, u32, u32)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_pods_bound_64_at_a_time_never_overcommit_a_card() {
     let api = FakeApi::start().await;
+    api.faults().kubelet_admits = true;
     // 40 nodes × 8 cards of 16 GiB (64 blocks each): 32,000 vcuda-core.
     let nodes: Vec<String> = (0..40).map(|i| format!("node-{i:02}")).collect();
     for n in &nodes {
@@ -160,7 +161,8 @@ async fn a_thousand_pods_bound_64_at_a_time_never_overcommit_a_card() {
             Some(node) => {
                 bound_in_api += 1;
                 assert_eq!(ann["tencent.com/predicate-node"], node, "{name}");
-                assert_eq!(ann["tencent.com/gpu-assigned"], "false", "{name}");
+                // The extender wrote "false"; the fake kubelet's device plugin admitted the pod.
+                assert_eq!(ann["tencent.com/gpu-assigned"], "true", "{name}");
                 assert!(
                     ann["tencent.com/predicate-time"]
                         .as_str()
@@ -394,4 +396,110 @@ async fn a_reservation_the_informer_never_confirms_expires_after_the_ttl() {
     })
     .await;
     ext.stop().await;
+}
+
+fn card_of(api: &FakeApi, name: &str) -> String {
+    api.pod("gate", name).unwrap()["metadata"]["annotations"]["tencent.com/predicate-gpu-idx-0"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_sized_pod_for_another_card_is_bound_only_after_the_kubelet_admitted_the_first() {
+    let api = FakeApi::start().await;
+    api.add_node("n1", Some(&cards(2, 16384)));
+    // a and b ask for the same 4 memory blocks but cannot share a card (50 + 60 > 100).
+    api.add_pod("gate", "a", &[(50, 4)]);
+    api.add_pod("gate", "b", &[(60, 4)]);
+    api.add_pod("gate", "c", &[(30, 2)]);
+    let mut flags = args();
+    flags.bind_gate_timeout = Duration::from_secs(20);
+    let ext = start_extender(&api, flags).await;
+    eventually(Duration::from_secs(10), "pods listed", || {
+        ext.state.gpu_pod_count() == 3
+    })
+    .await;
+    let nodes = vec!["n1".to_string()];
+    let mut conn = Conn::open(ext.addr).await;
+    schedule(&mut conn, &api.pod("gate", "a").unwrap(), &nodes)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "a bound in the cache", || {
+        api.pod("gate", "a").unwrap()["spec"]["nodeName"] == "n1"
+    })
+    .await;
+
+    // b waits: the kubelet has not allocated a's devices, and could hand b a's card.
+    let (b_pod, addr) = (api.pod("gate", "b").unwrap(), ext.addr);
+    let nodes_b = nodes.clone();
+    let b = tokio::spawn(async move {
+        let mut conn = Conn::open(addr).await;
+        schedule(&mut conn, &b_pod, &nodes_b).await
+    });
+    // Meanwhile c (other sizes) binds at once.
+    schedule(&mut conn, &api.pod("gate", "c").unwrap(), &nodes)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !b.is_finished(),
+        "b was bound while a still waited for devices"
+    );
+    assert!(api.pod("gate", "b").unwrap()["spec"]["nodeName"].is_null());
+
+    api.admit("gate", "a");
+    assert_eq!(b.await.unwrap(), Ok("n1".to_string()));
+    assert_ne!(card_of(&api, "a"), card_of(&api, "b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_that_waits_too_long_at_the_gate_fails_naming_the_pod_it_waited_for() {
+    let api = FakeApi::start().await;
+    api.add_node("n1", Some(&cards(2, 16384)));
+    api.add_pod("gate", "first", &[(100, 0)]);
+    api.add_pod("gate", "second", &[(100, 0)]);
+    let mut flags = args();
+    flags.bind_gate_timeout = Duration::from_millis(300);
+    let ext = start_extender(&api, flags).await;
+    eventually(Duration::from_secs(10), "pods listed", || {
+        ext.state.gpu_pod_count() == 2
+    })
+    .await;
+    let nodes = vec!["n1".to_string()];
+    let mut conn = Conn::open(ext.addr).await;
+    schedule(&mut conn, &api.pod("gate", "first").unwrap(), &nodes)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "first bound in the cache", || {
+        ext.state.gpu_pod_count() == 2
+            && api.pod("gate", "first").unwrap()["spec"]["nodeName"] == "n1"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = schedule(&mut conn, &api.pod("gate", "second").unwrap(), &nodes)
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("not bound to node n1 yet: pod(s) gate/first placed there before it")
+            && e.contains("--bind-gate-timeout")
+            && e.contains("the scheduler retries the pod"),
+        "{e}"
+    );
+    // Nothing of the refused bind stays behind: no annotations, no binding, cards free.
+    let second = api.pod("gate", "second").unwrap();
+    assert!(second["spec"]["nodeName"].is_null());
+    assert!(second["metadata"]["annotations"]["tencent.com/predicate-node"].is_null());
+    // Once the kubelet admitted the first, the retry binds the other whole card.
+    api.admit("gate", "first");
+    let mut bound = Err(String::new());
+    for _ in 0..50 {
+        bound = schedule(&mut conn, &api.pod("gate", "second").unwrap(), &nodes).await;
+        if bound.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(bound, Ok("n1".to_string()));
+    assert_ne!(card_of(&api, "first"), card_of(&api, "second"));
 }

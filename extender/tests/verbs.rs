@@ -375,7 +375,7 @@ async fn the_pod_policy_annotation_overrides_the_default_and_unknown_ones_are_re
     .await;
     assert_eq!(
         r["Error"],
-        "pod default/new: annotation tencent.com/gpu-policy: unknown placement policy \"fastest\": use one of binpack, spread, topology"
+        "pod default/new: annotation tencent.com/gpu-policy: unknown placement policy \"fastest\": use one of binpack, spread, topology, fgd, fgd+"
     );
     let (code, text) = call(
         ext.addr,

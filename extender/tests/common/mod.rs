@@ -54,6 +54,9 @@ pub struct Faults {
     pub fail_patch: HashSet<String>,
     /// Lease operations fail with 503 while set.
     pub leases_down: bool,
+    /// While set, a "kubelet" admits a GPU pod the moment it is bound (its device plugin writes
+    /// `gpu-assigned=true`); otherwise bound pods wait for devices until [`FakeApi::admit`].
+    pub kubelet_admits: bool,
 }
 
 /// Counters of requests served.
@@ -291,6 +294,13 @@ impl FakeApi {
         self.put_pod(p);
     }
 
+    /// The "kubelet" admits a bound pod: its device plugin writes `gpu-assigned=true`.
+    pub fn admit(&self, ns: &str, name: &str) {
+        let mut p = self.pod(ns, name).unwrap();
+        p["metadata"]["annotations"]["tencent.com/gpu-assigned"] = json!("true");
+        self.put_pod(p);
+    }
+
     pub fn lease(&self, ns: &str, name: &str) -> Option<Value> {
         let st = self.shared.store.lock().unwrap();
         st.leases.get(&(ns.to_string(), name.to_string())).cloned()
@@ -488,6 +498,11 @@ async fn bind_pod(
         );
     }
     pod["spec"]["nodeName"] = json!(node);
+    if s.faults.lock().unwrap().kubelet_admits
+        && pod["metadata"]["annotations"]["tencent.com/predicate-node"].is_string()
+    {
+        pod["metadata"]["annotations"]["tencent.com/gpu-assigned"] = json!("true");
+    }
     st.bump(Kind::Pod, "MODIFIED", &mut pod);
     st.pods.insert((ns, name), pod);
     status(201, "", "")
