@@ -60,8 +60,41 @@ build() {
   echo "e2e: build took $(($(date +%s) - start))s"
 }
 
+# Our binaries, built with cargo in the project's target dir (cheap when
+# scripts/test.sh already built the workspace), unless the caller points
+# GPU_MANAGER_BIN / GPU_ADMISSION_BIN at binaries of its own. A failed build
+# fails the run: the scenarios never skip for want of a binary.
+build_ours() {
+  if [[ -n "${GPU_MANAGER_BIN:-}" && -n "${GPU_ADMISSION_BIN:-}" ]]; then
+    echo "e2e: using GPU_MANAGER_BIN=$GPU_MANAGER_BIN GPU_ADMISSION_BIN=$GPU_ADMISSION_BIN"
+    return
+  fi
+  command -v cargo >/dev/null || { echo "e2e: cargo is required to build gpu-manager and gpu-admission (or set GPU_MANAGER_BIN and GPU_ADMISSION_BIN)" >&2; exit 2; }
+  # shellcheck source=../scripts/env.sh
+  source ../scripts/env.sh
+  echo "e2e: cargo build --bin gpu-manager --bin gpu-admission (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+  (cd .. && cargo build --bin gpu-manager --bin gpu-admission) || {
+    echo "e2e: building gpu-manager / gpu-admission with cargo failed (see above)" >&2; exit 1; }
+  export GPU_MANAGER_BIN="$CARGO_TARGET_DIR/debug/gpu-manager"
+  export GPU_ADMISSION_BIN="$CARGO_TARGET_DIR/debug/gpu-admission"
+}
+
+# helm renders the chart for scenario g (built once from the Go module
+# proxy by scripts/tools.sh, cached outside the repository).
+build_helm() {
+  if [[ -n "${HELM_BIN:-}" ]]; then return; fi
+  # shellcheck source=../scripts/env.sh
+  source ../scripts/env.sh
+  # shellcheck source=../scripts/tools.sh
+  source ../scripts/tools.sh
+  HELM_BIN="$(ensure_helm)" || { echo "e2e: building helm failed (see above)" >&2; exit 1; }
+  export HELM_BIN
+}
+
 build_start=$(date +%s)
 build
+build_ours
+build_helm
 echo "e2e: build step $(($(date +%s) - build_start))s"
 
 case "${1:-}" in
@@ -76,4 +109,19 @@ esac
 
 # The harness's unit tests, then the scenarios. Scenarios share one control
 # plane per `go test` process; -p 1 runs one package at a time on 2 cores.
-exec go test ./internal/... ./scenarios -count=1 -p 1 -timeout "${E2E_TIMEOUT:-30m}" -v "$@"
+# The output is kept to print a summary of every test's result and duration.
+log="$(mktemp "${TMPDIR:-/tmp}/e2e-go-test.XXXXXX")"
+trap 'rm -f "$log"' EXIT
+test_start=$(date +%s)
+set +e
+go test ./internal/... ./scenarios -count=1 -p 1 -timeout "${E2E_TIMEOUT:-30m}" -v "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+echo
+echo "e2e: summary (go test took $(($(date +%s) - test_start))s)"
+grep -E '^e2e: (control plane|GPU stack) ready' "$log" || true
+grep -E '^\s*--- (PASS|FAIL|SKIP): ' "$log" | sed -E 's/^\s*--- /  /' || true
+if [[ $status -ne 0 ]]; then
+  echo "e2e: FAILED (go test exit $status)"
+fi
+exit "$status"

@@ -34,10 +34,13 @@ const (
 	// starts with (default: the scheduler's own defaults, no extender).
 	EnvSchedulerConfig = "E2E_SCHEDULER_CONFIG"
 	// EnvGPUManagerBin and EnvGPUAdmissionBin locate our Rust binaries
-	// (built by the caller with cargo); scenarios that need them skip
-	// without them.
+	// (run.sh builds them with cargo and sets both). Scenarios that need
+	// them fail, never skip, when they are unset or missing.
 	EnvGPUManagerBin   = "GPU_MANAGER_BIN"
 	EnvGPUAdmissionBin = "GPU_ADMISSION_BIN"
+	// EnvHelmBin locates helm (run.sh builds it with scripts/tools.sh's
+	// ensure_helm), for rendering the chart in scenario g.
+	EnvHelmBin = "HELM_BIN"
 )
 
 // BinDir is where run.sh puts the Go binaries.
@@ -67,6 +70,7 @@ type Env struct {
 	Cluster *cluster.Cluster
 	Client  kubernetes.Interface
 	nodes   []*Node
+	closers []func()
 }
 
 // Start creates a run directory under the system temp dir (short, because
@@ -93,6 +97,9 @@ func Start(ctx context.Context, schedulerConfig string) (*Env, error) {
 // Close stops every node and the control plane. The run directory is removed
 // unless keep is true or E2E_KEEP is set; its path is returned when kept.
 func (e *Env) Close(keep bool) string {
+	for i := len(e.closers) - 1; i >= 0; i-- {
+		e.closers[i]()
+	}
 	for _, n := range e.nodes {
 		n.Stop()
 	}
@@ -105,6 +112,10 @@ func (e *Env) Close(keep bool) string {
 	_ = os.RemoveAll(e.RunDir)
 	return ""
 }
+
+// OnClose registers f to run first in Close (last registered runs first),
+// e.g. to stop processes that need the API server for a clean shutdown.
+func (e *Env) OnClose(f func()) { e.closers = append(e.closers, f) }
 
 // NewNamespace creates a namespace with a random suffix and its default
 // ServiceAccount.
@@ -119,7 +130,11 @@ func (e *Env) NewNamespace(ctx context.Context, prefix string) (string, error) {
 
 // Kubectl runs kubectl against the cluster with optional stdin.
 func (e *Env) Kubectl(ctx context.Context, stdin string, args ...string) (stdout, stderr string, err error) {
-	cmd := exec.CommandContext(ctx, filepath.Join(e.BinDir, cluster.KubectlBin), append([]string{"--kubeconfig", e.Cluster.Kubeconfig}, args...)...)
+	return e.kubectl(ctx, e.Cluster.Kubeconfig, stdin, args...)
+}
+
+func (e *Env) kubectl(ctx context.Context, kubeconfig, stdin string, args ...string) (stdout, stderr string, err error) {
+	cmd := exec.CommandContext(ctx, filepath.Join(e.BinDir, cluster.KubectlBin), append([]string{"--kubeconfig", kubeconfig}, args...)...)
 	if stdin != "" {
 		cmd.Stdin = strings.NewReader(stdin)
 	}

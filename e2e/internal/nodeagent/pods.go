@@ -388,14 +388,11 @@ func (a *Agent) watchDeviceHealth(ctx context.Context) {
 	}
 }
 
-// activePods is the kubelet's GetActivePods: every pod bound to the node that
-// is not terminal (admitted or not yet admitted). The device manager uses it
-// to release devices of pods that are gone.
+// activePods is the kubelet's GetActivePods: the pods of its pod manager
+// that are not terminal. The device manager uses it to release devices of
+// pods that are gone.
 func (a *Agent) activePods() []*v1.Pod {
-	pods, err := a.podLister.List(labels.Everything())
-	if err != nil {
-		return nil
-	}
+	pods := a.knownPods()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	out := make([]*v1.Pod, 0, len(pods))
@@ -405,6 +402,29 @@ func (a *Agent) activePods() []*v1.Pod {
 			continue
 		}
 		out = append(out, p)
+	}
+	return out
+}
+
+// knownPods is the kubelet's pod manager: the pods bound to the node that
+// the agent has started to handle. Like the kubelet's HandlePodAdditions,
+// which adds each pod to the pod manager right before admitting it, a pod
+// enters this set in syncPod before its admission, so while pod X is being
+// admitted, pods bound later are not in it (and pod-resources does not list
+// them).
+func (a *Agent) knownPods() []*v1.Pod {
+	pods, err := a.podLister.List(labels.Everything())
+	if err != nil {
+		return nil
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]*v1.Pod, 0, len(pods))
+	for _, p := range pods {
+		key := p.Namespace + "/" + p.Name
+		if uid, ok := a.byKey[key]; ok && uid == p.UID {
+			out = append(out, p)
+		}
 	}
 	return out
 }
@@ -440,17 +460,17 @@ type podsProvider struct{ a *Agent }
 
 func (p podsProvider) GetActivePods() []*v1.Pod { return p.a.activePods() }
 
-func (p podsProvider) GetPods() []*v1.Pod {
-	pods, err := p.a.podLister.List(labels.Everything())
-	if err != nil {
-		return nil
-	}
-	return pods
-}
+func (p podsProvider) GetPods() []*v1.Pod { return p.a.knownPods() }
 
 func (p podsProvider) GetPodByName(namespace, name string) (*v1.Pod, bool) {
 	pod, err := p.a.podLister.Pods(namespace).Get(name)
 	if err != nil || isTerminal(pod) {
+		return nil, false
+	}
+	p.a.mu.Lock()
+	uid, known := p.a.byKey[namespace+"/"+name]
+	p.a.mu.Unlock()
+	if !known || uid != pod.UID {
 		return nil, false
 	}
 	return pod, true
