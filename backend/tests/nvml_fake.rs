@@ -217,7 +217,13 @@ events:
     let (_fake, nvml, sim, t0) = both(&desc);
     assert_eq!(nvml.probe("GPU-bbbb").unwrap(), ProbeResult::Healthy);
 
-    let got = collect_events(&nvml, |e| e.iter().any(|e| e.kind == HealthEventKind::Lost));
+    // The XID and the loss happen at the same instant and may arrive in separate batches:
+    // wait for both.
+    let got = collect_events(&nvml, |e| {
+        e.iter().any(|e| e.kind == HealthEventKind::Lost)
+            && e.iter()
+                .any(|e| e.kind == HealthEventKind::Xid { code: 79 })
+    });
     assert_eq!(
         sorted(got),
         sorted(vec![
