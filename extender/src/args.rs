@@ -75,6 +75,13 @@ pub struct ExtenderArgs {
     #[arg(long, env = "GPU_ADMISSION_BIND_GATE_TIMEOUT", default_value = "4s", value_parser = parse_duration)]
     pub bind_gate_timeout: Duration,
 
+    /// How long after its placement a pod the device plugin has not confirmed can still hold
+    /// up the admission gate. The kubelet admits a bound pod within seconds but the device
+    /// plugin confirms it only at container start, after the image pull; past this window the
+    /// pod is taken as admitted (so one pod stuck pulling its image cannot block a node).
+    #[arg(long, env = "GPU_ADMISSION_BIND_GATE_WINDOW", default_value = "30s", value_parser = parse_duration)]
+    pub bind_gate_window: Duration,
+
     /// Largest request body accepted, in bytes (`Nodes` mode sends whole node objects).
     #[arg(long, env = "GPU_ADMISSION_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -120,6 +127,7 @@ impl Default for ExtenderArgs {
             reservation_ttl: Duration::from_secs(60),
             api_timeout: Duration::from_secs(10),
             bind_gate_timeout: Duration::from_secs(4),
+            bind_gate_window: Duration::from_secs(30),
             max_body_bytes: 64 * 1024 * 1024,
             leader_elect: false,
             lease_name: "gpu-admission".into(),
@@ -142,6 +150,8 @@ pub struct Settings {
     pub api_timeout: Duration,
     /// Longest wait at the admission gate of bind.
     pub bind_gate_timeout: Duration,
+    /// How long a placed, unconfirmed pod can hold up the gate.
+    pub bind_gate_window: Duration,
     pub max_body_bytes: usize,
     /// `Some` with `--leader-elect`.
     pub lease: Option<LeaseSettings>,
@@ -256,6 +266,7 @@ impl ExtenderArgs {
             reservation_ttl: self.reservation_ttl,
             api_timeout: self.api_timeout,
             bind_gate_timeout: self.bind_gate_timeout,
+            bind_gate_window: self.bind_gate_window,
             max_body_bytes: self.max_body_bytes,
             lease,
             fgd: FgdSettings {

@@ -215,9 +215,15 @@ impl App {
             let blockers = {
                 let inner = self.state().read();
                 match inner.reservations.get(&pod.uid) {
-                    Some(r) if &*r.node == node => {
-                        inner.gate_blockers(&pod.uid, node, &pod.request, &r.cards, r.ticket)
-                    }
+                    Some(r) if &*r.node == node => inner.gate_blockers(
+                        &pod.uid,
+                        node,
+                        &pod.request,
+                        &r.cards,
+                        r.ticket,
+                        unix_nanos(),
+                        self.shared().bind_gate_window,
+                    ),
                     _ => Vec::new(),
                 }
             };

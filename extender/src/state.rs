@@ -717,6 +717,12 @@ impl Inner {
     /// the placement of `uid` (its `request` on `cards`), because they wait for devices too —
     /// cached pods the kubelet has yet to admit, and reservations made before `ticket`.
     /// Empty when `uid` may be bound now. See `gm_core::devices::confusable`.
+    ///
+    /// A cached pod placed more than `window` before `now_nanos` (its `predicate-time`, unix
+    /// nanoseconds) no longer counts: the kubelet admits a bound pod within seconds, and the
+    /// device plugin only confirms it at container start, after the image pull — a pod stuck
+    /// in `ImagePullBackOff` must not hold up the node for ever.
+    #[allow(clippy::too_many_arguments)]
     pub fn gate_blockers(
         &self,
         uid: &Uid,
@@ -724,7 +730,10 @@ impl Inner {
         request: &PodGpuRequest,
         cards: &BTreeMap<Slot, Vec<u32>>,
         ticket: u64,
+        now_nanos: u64,
+        window: Duration,
     ) -> Vec<String> {
+        let window_nanos = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
         let mine = awaiting_containers(request, cards);
         if mine.is_empty() {
             return Vec::new();
@@ -740,6 +749,10 @@ impl Inner {
                 continue;
             };
             seen.insert(other);
+            let placed = rec.pod.annotations.time.unwrap_or(now_nanos);
+            if now_nanos.saturating_sub(placed) > window_nanos {
+                continue;
+            }
             let theirs = awaiting_containers(&rec.pod.request, &rec.pod.annotations.cards);
             if gm_core::devices::confusable(&mine, &theirs).is_some() {
                 blockers.push(format!("{}/{}", rec.pod.namespace, rec.pod.name));

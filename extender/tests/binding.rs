@@ -503,3 +503,49 @@ async fn a_bind_that_waits_too_long_at_the_gate_fails_naming_the_pod_it_waited_f
     assert_eq!(bound, Ok("n1".to_string()));
     assert_ne!(card_of(&api, "first"), card_of(&api, "second"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_placed_long_ago_and_never_confirmed_does_not_hold_up_the_gate() {
+    let api = FakeApi::start().await;
+    api.add_node("n1", Some(&cards(2, 16384)));
+    // Bound to card 0 an hour ago; its image never pulls, so the device plugin never
+    // confirms it (no gpu-assigned=true) and it stays Pending.
+    let an_hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        - 3_600_000_000_000;
+    let mut stuck = pod_json(
+        "gate",
+        "stuck",
+        &[(60, 4)],
+        &[
+            ("tencent.com/predicate-node", "n1"),
+            ("tencent.com/predicate-gpu-idx-0", "0"),
+            ("tencent.com/predicate-time", &an_hour_ago.to_string()),
+            ("tencent.com/gpu-assigned", "false"),
+        ],
+    );
+    stuck["spec"]["nodeName"] = json!("n1");
+    api.put_pod(stuck);
+    // Same size, and it can only go to card 1.
+    api.add_pod("gate", "next", &[(60, 4)]);
+    let mut flags = args();
+    flags.bind_gate_timeout = Duration::from_millis(500);
+    let ext = start_extender(&api, flags).await;
+    eventually(Duration::from_secs(10), "pods listed", || {
+        ext.state.gpu_pod_count() == 2
+    })
+    .await;
+    let mut conn = Conn::open(ext.addr).await;
+    let started = std::time::Instant::now();
+    let node = schedule(
+        &mut conn,
+        &api.pod("gate", "next").unwrap(),
+        &["n1".to_string()],
+    )
+    .await;
+    assert_eq!(node, Ok("n1".to_string()));
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(card_of(&api, "next"), "1");
+}
