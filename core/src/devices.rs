@@ -1129,7 +1129,35 @@ mod tests {
         );
     }
 
+    fn any_request() -> impl Strategy<Value = GpuRequest> {
+        prop_oneof![
+            (1u32..100, 1u32..16).prop_map(|(cores, blocks)| GpuRequest::Share { cores, blocks }),
+            (1u32..4).prop_map(|cards| GpuRequest::Whole { cards }),
+        ]
+    }
+
     proptest! {
+        /// Confusability does not depend on which side is asked or on the order of the
+        /// containers, and a container on its own cards is never confused with itself.
+        #[test]
+        fn confusable_is_symmetric_and_matches_the_size_and_card_rule(
+            a in prop::collection::vec((any_request(), prop::collection::vec(0u32..4, 1..3)), 0..4),
+            b in prop::collection::vec((any_request(), prop::collection::vec(0u32..4, 1..3)), 0..4),
+        ) {
+            let xs: Vec<AwaitingContainer<'_>> =
+                a.iter().map(|(r, c)| AwaitingContainer { request: *r, cards: c }).collect();
+            let ys: Vec<AwaitingContainer<'_>> =
+                b.iter().map(|(r, c)| AwaitingContainer { request: *r, cards: c }).collect();
+            let ab = confusable(&xs, &ys).is_some();
+            prop_assert_eq!(ab, confusable(&ys, &xs).is_some());
+            // Swapping the containers of one side's pods changes nothing either.
+            let mut xr = xs.clone();
+            xr.reverse();
+            prop_assert_eq!(ab, confusable(&xr, &ys).is_some());
+            // A container is never confusable with itself on the same cards.
+            prop_assert!(xs.iter().all(|x| confusable(&[*x], &[*x]).is_none()));
+        }
+
         /// Any set survives the compact form, and the parsed form of its IDs is the set.
         #[test]
         fn compact_form_round_trips(

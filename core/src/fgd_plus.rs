@@ -568,16 +568,8 @@ impl FgdPlus {
         let c = &self.config;
         let loss = match &self.capability {
             Some(cap) if c.cap_weight > 0.0 || c.secondary == Secondary::Capability => {
-                let mut after = [0u32; MAX_CARDS];
-                let after = &mut after[..free.len()];
-                after.copy_from_slice(free);
-                let per = demand.per_card();
-                let mut m = e.cards;
-                while m != 0 {
-                    let g = m.trailing_zeros() as usize;
-                    m &= m - 1;
-                    after[g] = after[g].saturating_sub(per);
-                }
+                let mut buf = [0u32; MAX_CARDS];
+                let after = free_after(free, e.cards, demand.per_card(), &mut buf);
                 // Types the pod dominates lose nothing: the pod uses their room itself.
                 cap.loss(
                     cap_access,
@@ -653,16 +645,8 @@ impl FgdPlus {
             Some(cap) if c.cap_weight > 0.0 || c.secondary == Secondary::Capability => {
                 let free = FreeCards::of(cards, healthy);
                 let free = free.as_slice();
-                let mut after = [0u32; MAX_CARDS];
-                let after = &mut after[..free.len()];
-                after.copy_from_slice(free);
-                let per = demand.per_card();
-                let mut m = e.cards;
-                while m != 0 {
-                    let g = m.trailing_zeros() as usize;
-                    m &= m - 1;
-                    after[g] = after[g].saturating_sub(per);
-                }
+                let mut buf = [0u32; MAX_CARDS];
+                let after = free_after(free, e.cards, demand.per_card(), &mut buf);
                 // Types the pod dominates lose nothing: the pod uses their room itself.
                 cap.lost_types(
                     cap_access,
@@ -802,6 +786,20 @@ impl FgdPlus {
             cards,
         }
     }
+}
+
+/// The cards' free capacity after taking `per` from each card in the bit mask `cards`
+/// (written into `buf`, which must hold `free.len()` entries).
+fn free_after<'a>(free: &[u32], cards: u64, per: u32, buf: &'a mut [u32; MAX_CARDS]) -> &'a [u32] {
+    let after = &mut buf[..free.len()];
+    after.copy_from_slice(free);
+    let mut m = cards;
+    while m != 0 {
+        let g = m.trailing_zeros() as usize;
+        m &= m - 1;
+        after[g] = after[g].saturating_sub(per);
+    }
+    after
 }
 
 #[cfg(test)]
