@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use crate::cluster::PatchJob;
 use crate::podresources::PodResourcesError;
 use crate::response::{self, LimiterState};
 use crate::shared::Shared;
@@ -60,6 +61,14 @@ pub async fn reconcile_once(shared: &Shared) -> (Reconciled, Option<PodResources
     }
     for cfg in limiters {
         shared.limiter.queue(cfg);
+    }
+    for (namespace, name, annotations) in &out.patches {
+        tracing::info!(pod = %format!("{namespace}/{name}"), "the kubelet admitted this pod but its annotations do not say so yet; writing them");
+        shared.queue_patch(PatchJob {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            annotations: annotations.clone(),
+        });
     }
     sweep_limiters(shared, dir);
     (out, error)

@@ -219,6 +219,10 @@ pub struct Reconciled {
     pub adopted: Vec<Record>,
     /// Records released, with the reason.
     pub released: Vec<(Record, String)>,
+    /// Annotation patches owed to pods the kubelet has admitted (pod-resources lists their
+    /// devices) that do not say `gpu-assigned=true` yet — e.g. because the daemon was killed
+    /// between confirming a container and writing its patch. `(namespace, name, annotations)`.
+    pub patches: Vec<(String, String, BTreeMap<String, String>)>,
 }
 
 /// What a pod source says about a record's pod.
@@ -1209,7 +1213,54 @@ impl State {
             }
         }
         out.adopted = self.adopt_all(listed.unwrap_or(&[]), pods, now);
+        if let (Some(listed), Some(source)) = (listed, pods.filter(|s| s.synced())) {
+            out.patches = self.owed_patches(listed, source);
+        }
         out
+    }
+
+    /// The `gpu-assigned=true` patches (plus the card annotations, for pods no scheduler
+    /// placed) owed to pods whose containers pod-resources lists — the kubelet's own word that
+    /// it allocated their devices — but whose annotations do not say so yet.
+    fn owed_patches(
+        &self,
+        listed: &[ListedContainer],
+        source: &dyn PodSource,
+    ) -> Vec<(String, String, BTreeMap<String, String>)> {
+        if !self.cfg.patch_pods {
+            return Vec::new();
+        }
+        let keys = &self.cfg.keys;
+        let mut owed: BTreeMap<(String, String), BTreeMap<String, String>> = BTreeMap::new();
+        for c in listed {
+            if c.core.is_empty() {
+                continue;
+            }
+            let Some(pod) = source.get(&c.namespace, &c.pod) else {
+                continue;
+            };
+            if pod.has_ended() || pod.annotations.assigned == Some(true) {
+                continue;
+            }
+            let core = IdSet::parse_lenient(DeviceKind::Core, &c.core, &self.inv);
+            if !self.by_core.contains_key(&core.encode()) {
+                continue;
+            }
+            let ann = owed
+                .entry((pod.namespace.clone(), pod.name.clone()))
+                .or_default();
+            ann.insert(keys.gpu_assigned.clone(), encode_bool(true).to_string());
+            if let Some(container) = pod.container(&c.container) {
+                if pod.assigned_cards(container.slot).is_none() {
+                    let cards: Vec<u32> = core.per_card().keys().copied().collect();
+                    ann.insert(keys.gpu_idx(container.slot), encode_cards(&cards));
+                    ann.insert(keys.predicate_node.clone(), self.cfg.node_name.clone());
+                }
+            }
+        }
+        owed.into_iter()
+            .map(|((namespace, name), ann)| (namespace, name, ann))
+            .collect()
     }
 
     /// Create records for listed containers whose IDs the state does not know (allocations

@@ -495,3 +495,56 @@ fn a_request_for_a_pod_the_watch_has_not_delivered_asks_for_a_refresh() {
     // A zero-sized request never triggers a list.
     assert!(!st.misses_pod(DeviceKind::Memory, 0, &[], now));
 }
+
+#[test]
+fn a_pod_the_kubelet_admitted_but_never_marked_gets_its_annotations_at_reconciliation() {
+    let mut st = state(4);
+    let source = InMemoryPods::new();
+    // "placed": the scheduler chose card 2; gpu-manager died before writing gpu-assigned.
+    source.insert(pod("placed", 1, vec![("c", share(30, 8), Some(vec![2]))]));
+    // "local": no scheduler annotations at all.
+    source.insert(pod("local", 2, vec![("c", share(10, 2), None)]));
+    // "done": already marked.
+    let mut done = pod("done", 3, vec![("c", share(20, 4), Some(vec![1]))]);
+    done.annotations.assigned = Some(true);
+    source.insert(done);
+    let l = vec![
+        listed("placed", ids("vcore", 2, 0..30), ids("vmem", 2, 0..8)),
+        listed("local", ids("vcore", 3, 0..10), ids("vmem", 3, 0..2)),
+        listed("done", ids("vcore", 1, 0..20), ids("vmem", 1, 0..4)),
+    ];
+    let out = st.reconcile(Some(&l), Some(&source), now_at(1_000));
+    assert_eq!(out.adopted.len(), 3);
+    let keys = Keys::default();
+    let by_pod: BTreeMap<&str, &BTreeMap<String, String>> = out
+        .patches
+        .iter()
+        .map(|(_, name, ann)| (name.as_str(), ann))
+        .collect();
+    assert_eq!(by_pod.len(), 2, "{:?}", out.patches);
+    let placed = by_pod["placed"];
+    assert_eq!(
+        placed.get(&keys.gpu_assigned).map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        !placed.contains_key(&keys.gpu_idx(Slot::App(0))),
+        "{placed:?}"
+    );
+    let local = by_pod["local"];
+    assert_eq!(
+        local.get(&keys.gpu_assigned).map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        local.get(&keys.gpu_idx(Slot::App(0))).map(String::as_str),
+        Some("3")
+    );
+    assert_eq!(
+        local.get(&keys.predicate_node).map(String::as_str),
+        Some("node-a")
+    );
+    // Without pod-resources nothing is owed: only the kubelet's word counts.
+    let out = st.reconcile(None, Some(&source), now_at(2_000));
+    assert!(out.patches.is_empty());
+}
