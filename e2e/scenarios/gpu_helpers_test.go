@@ -438,14 +438,22 @@ func waitSettled(ctx context.Context, t *testing.T, e *harness.Env, ns string, t
 
 // stuckReason is the message of a container Waiting with
 // CreateContainerConfigError, the state of a pod whose start the device
-// plugin refuses.
+// plugin refuses. A PreStartContainer call that never reached a plugin (its
+// endpoint stopped, or the socket unavailable, while gpu-manager restarts)
+// is not a refusal: the kubelet retries it with back-off and the pod starts
+// once the plugin is registered again, so such a pod is still waiting.
 func stuckReason(p *v1.Pod) string {
 	for _, cs := range p.Status.ContainerStatuses {
-		if w := cs.State.Waiting; w != nil && w.Reason == "CreateContainerConfigError" {
+		if w := cs.State.Waiting; w != nil && w.Reason == "CreateContainerConfigError" && !pluginAway(w.Message) {
 			return w.Message
 		}
 	}
 	return ""
+}
+
+// pluginAway: the device manager could not reach the plugin at all.
+func pluginAway(msg string) bool {
+	return strings.Contains(msg, "has been stopped") || strings.Contains(msg, "code = Unavailable")
 }
 
 // createPods creates pods concurrently (one burst) and fails on any error.
