@@ -284,13 +284,23 @@ async fn list_quotas(
     State(s): State<Arc<ApiState>>,
     Query(q): Query<WatchQuery>,
 ) -> axum::response::Response {
+    let items = s.quotas.lock().unwrap().clone();
+    list_or_watch(&q, "gpu.tkestack.io/v1alpha1", "GpuQuotaList", items)
+}
+
+/// A list answer with `items`, or for a watch request a stream that never sends an event.
+fn list_or_watch(
+    q: &WatchQuery,
+    api_version: &str,
+    kind: &str,
+    items: impl serde::Serialize,
+) -> axum::response::Response {
     if q.watch.as_deref() == Some("true") || q.watch.as_deref() == Some("1") {
         return axum::response::Response::new(endless());
     }
-    let items = s.quotas.lock().unwrap().clone();
     axum::response::IntoResponse::into_response(Json(json!({
-        "apiVersion": "gpu.tkestack.io/v1alpha1",
-        "kind": "GpuQuotaList",
+        "apiVersion": api_version,
+        "kind": kind,
         "metadata": {"resourceVersion": "100"},
         "items": items,
     })))
@@ -301,16 +311,8 @@ async fn list_configmaps(
     Path(_ns): Path<String>,
     Query(q): Query<WatchQuery>,
 ) -> axum::response::Response {
-    if q.watch.as_deref() == Some("true") || q.watch.as_deref() == Some("1") {
-        return axum::response::Response::new(endless());
-    }
     let items = s.configmaps.lock().unwrap().clone();
-    axum::response::IntoResponse::into_response(Json(json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMapList",
-        "metadata": {"resourceVersion": "100"},
-        "items": items,
-    })))
+    list_or_watch(&q, "v1", "ConfigMapList", items)
 }
 
 async fn patch_status(

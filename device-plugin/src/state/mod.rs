@@ -374,31 +374,16 @@ impl State {
     // Records and usage
 
     fn add_refs(&mut self, kind: DeviceKind, set: &IdSet) {
-        let refs = match kind {
-            DeviceKind::Core => &mut self.core_refs,
-            DeviceKind::Memory => &mut self.memory_refs,
-        };
-        for (&card, ks) in set.per_card() {
-            for &k in ks {
-                let Some(slot) = refs
-                    .get_mut(card as usize)
-                    .and_then(|v| v.get_mut(k as usize))
-                else {
-                    continue;
-                };
-                *slot = slot.saturating_add(1);
-                if *slot == 1 {
-                    let u = &mut self.usage[card as usize];
-                    match kind {
-                        DeviceKind::Core => u.cores += 1,
-                        DeviceKind::Memory => u.blocks += 1,
-                    }
-                }
-            }
-        }
+        self.count_refs(kind, set, true);
     }
 
     fn remove_refs(&mut self, kind: DeviceKind, set: &IdSet) {
+        self.count_refs(kind, set, false);
+    }
+
+    /// Count one more (`add`) or one less holder of every ID in `set`; a card's usage changes
+    /// when an ID gets its first holder or loses its last.
+    fn count_refs(&mut self, kind: DeviceKind, set: &IdSet, add: bool) {
         let refs = match kind {
             DeviceKind::Core => &mut self.core_refs,
             DeviceKind::Memory => &mut self.memory_refs,
@@ -411,16 +396,27 @@ impl State {
                 else {
                     continue;
                 };
-                if *slot == 0 {
+                let edge = if add {
+                    *slot = slot.saturating_add(1);
+                    *slot == 1
+                } else if *slot == 0 {
+                    false
+                } else {
+                    *slot -= 1;
+                    *slot == 0
+                };
+                if !edge {
                     continue;
                 }
-                *slot -= 1;
-                if *slot == 0 {
-                    let u = &mut self.usage[card as usize];
-                    match kind {
-                        DeviceKind::Core => u.cores -= 1,
-                        DeviceKind::Memory => u.blocks -= 1,
-                    }
+                let u = &mut self.usage[card as usize];
+                let field = match kind {
+                    DeviceKind::Core => &mut u.cores,
+                    DeviceKind::Memory => &mut u.blocks,
+                };
+                if add {
+                    *field += 1;
+                } else {
+                    *field -= 1;
                 }
             }
         }
