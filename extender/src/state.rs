@@ -740,6 +740,13 @@ impl Inner {
         }
         let mut blockers = Vec::new();
         let mut seen: HashSet<&Uid> = HashSet::new();
+        // `rec` placed on `cards` blocks when the kubelet could confuse it with `uid`.
+        let check = |rec: &PodRecord, cards: &BTreeMap<Slot, Vec<u32>>, out: &mut Vec<String>| {
+            let theirs = awaiting_containers(&rec.pod.request, cards);
+            if gm_core::devices::confusable(&mine, &theirs).is_some() {
+                out.push(format!("{}/{}", rec.pod.namespace, rec.pod.name));
+            }
+        };
         let cached = self.awaiting.get(node).into_iter().flatten();
         for other in cached {
             if other == uid {
@@ -753,10 +760,7 @@ impl Inner {
             if now_nanos.saturating_sub(placed) > window_nanos {
                 continue;
             }
-            let theirs = awaiting_containers(&rec.pod.request, &rec.pod.annotations.cards);
-            if gm_core::devices::confusable(&mine, &theirs).is_some() {
-                blockers.push(format!("{}/{}", rec.pod.namespace, rec.pod.name));
-            }
+            check(rec, &rec.pod.annotations.cards, &mut blockers);
         }
         for (other, r) in &self.reservations {
             if other == uid || r.ticket >= ticket || &*r.node != node || seen.contains(other) {
@@ -768,10 +772,7 @@ impl Inner {
             if !rec.pod.awaits_devices {
                 continue;
             }
-            let theirs = awaiting_containers(&rec.pod.request, &r.cards);
-            if gm_core::devices::confusable(&mine, &theirs).is_some() {
-                blockers.push(format!("{}/{}", rec.pod.namespace, rec.pod.name));
-            }
+            check(rec, &r.cards, &mut blockers);
         }
         blockers.sort();
         blockers
