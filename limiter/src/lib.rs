@@ -1,0 +1,1 @@
+//! libvcuda.so (skeleton).
