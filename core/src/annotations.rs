@@ -11,6 +11,8 @@
 //! | `tencent.com/gpu-uuid-include` | pod | user | only these card UUIDs, comma-separated |
 //! | `tencent.com/gpu-uuid-exclude` | pod | user | never these card UUIDs, comma-separated |
 //! | `tencent.com/gpu-policy` | pod | user | placement policy for this pod (`binpack`, `spread`, `topology`, …) |
+//! | `tencent.com/vcuda-core-limit` | pod | user | soft mode: a share may use up to this percent of its card while the card has idle time (TKEStack's key; integer, the share's vcuda-core to 100) |
+//! | `tencent.com/vcuda-limiter` | pod | user | `disabled`: no in-container limiter for this pod's containers (no memory cap, no compute share); see [`LIMITER_DISABLED`] |
 //! | `tencent.com/gpu-inventory` | node | device plugin | the node inventory JSON ([`crate::inventory`]) |
 //! | label `tencent.com/gpu-model` | node | device plugin | model of card 0, label-safe |
 //! | label `tencent.com/gpu-count` | node | device plugin | number of cards |
@@ -42,6 +44,8 @@ pub struct Keys {
     pub uuid_include: String,
     pub uuid_exclude: String,
     pub policy: String,
+    pub core_limit: String,
+    pub limiter: String,
     pub inventory: String,
     pub label_model: String,
     pub label_count: String,
@@ -80,6 +84,8 @@ impl Keys {
             uuid_include: format!("{d}/gpu-uuid-include"),
             uuid_exclude: format!("{d}/gpu-uuid-exclude"),
             policy: format!("{d}/gpu-policy"),
+            core_limit: format!("{d}/vcuda-core-limit"),
+            limiter: format!("{d}/vcuda-limiter"),
             inventory: format!("{d}/gpu-inventory"),
             label_model: format!("{d}/gpu-model"),
             label_count: format!("{d}/gpu-count"),
@@ -221,6 +227,49 @@ pub fn decode_time(key: &str, value: &str) -> Result<u64, AnnotationError> {
         .map_err(|_| AnnotationError::new(key, value, "the number is too large"))
 }
 
+/// The value of the `vcuda-limiter` annotation that turns the limiter off for a pod.
+pub const LIMITER_DISABLED: &str = "disabled";
+/// The value of the `vcuda-limiter` annotation that asks for the limiter (the default).
+pub const LIMITER_ENABLED: &str = "enabled";
+
+/// Decode the `vcuda-limiter` annotation: `true` when the pod opts out of the limiter.
+pub fn decode_limiter_disabled(key: &str, value: &str) -> Result<bool, AnnotationError> {
+    match value {
+        LIMITER_DISABLED => Ok(true),
+        LIMITER_ENABLED => Ok(false),
+        _ => Err(AnnotationError::new(
+            key,
+            value,
+            format!("use {LIMITER_DISABLED:?} to run the pod without the limiter (no memory cap, no compute share) or {LIMITER_ENABLED:?} (the default)"),
+        )),
+    }
+}
+
+/// Decode TKEStack's `vcuda-core-limit` (soft mode) for a share of `cores` percent: a decimal
+/// integer from `cores` to 100.
+pub fn decode_core_limit(key: &str, value: &str, cores: u32) -> Result<u32, AnnotationError> {
+    let form = || format!("use a whole percentage from the share's vcuda-core ({cores}) to 100");
+    let v = value.trim();
+    if v.is_empty() || v.len() > 3 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(AnnotationError::new(
+            key,
+            value,
+            format!("it is not an integer; {}", form()),
+        ));
+    }
+    let n: u32 = v
+        .parse()
+        .map_err(|_| AnnotationError::new(key, value, form()))?;
+    if n < cores || n > 100 {
+        return Err(AnnotationError::new(
+            key,
+            value,
+            format!("{n} is outside {cores} to 100; {}", form()),
+        ));
+    }
+    Ok(n)
+}
+
 /// Encode the assigned flag.
 pub fn encode_bool(v: bool) -> &'static str {
     if v {
@@ -334,6 +383,10 @@ pub struct PodAnnotations {
     pub assigned: Option<bool>,
     pub filter: CardFilter,
     pub policy: Option<String>,
+    /// `vcuda-core-limit` as written (checked against each share with [`decode_core_limit`]).
+    pub core_limit: Option<String>,
+    /// `vcuda-limiter=disabled`: the pod opts out of the in-container limiter.
+    pub limiter_disabled: bool,
 }
 
 impl PodAnnotations {
@@ -377,6 +430,13 @@ impl PodAnnotations {
                 out.filter.exclude_uuids = decode_list(v);
             } else if *k == keys.policy {
                 out.policy = Some(v.trim().to_string());
+            } else if *k == keys.core_limit {
+                out.core_limit = Some(v.clone());
+            } else if *k == keys.limiter {
+                match decode_limiter_disabled(k, v) {
+                    Ok(d) => out.limiter_disabled = d,
+                    Err(e) => errors.push(e),
+                }
             }
         }
         (out, errors)
@@ -548,6 +608,58 @@ mod tests {
         assert_eq!(p.filter.models.entries(), ["A100", "H100"]);
         assert_eq!(p.filter.exclude_uuids, ["GPU-x"]);
         assert!(p.is_placed());
+    }
+
+    #[test]
+    fn limiter_annotations_decode_strictly() {
+        let k = Keys::default();
+        assert_eq!(k.core_limit, "tencent.com/vcuda-core-limit");
+        assert_eq!(k.limiter, "tencent.com/vcuda-limiter");
+        assert!(!k.is_reserved(&k.limiter));
+        let ann: BTreeMap<String, String> = [
+            ("tencent.com/vcuda-core-limit", "80"),
+            ("tencent.com/vcuda-limiter", "disabled"),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let (p, errs) = PodAnnotations::decode(&k, &ann);
+        assert!(errs.is_empty());
+        assert!(p.limiter_disabled);
+        assert_eq!(p.core_limit.as_deref(), Some("80"));
+        let mut bad = ann.clone();
+        bad.insert(k.limiter.clone(), "off".into());
+        let (p, errs) = PodAnnotations::decode(&k, &bad);
+        assert!(
+            !p.limiter_disabled,
+            "anything but `disabled` keeps the limiter"
+        );
+        assert!(
+            errs[0].to_string().contains("use \"disabled\""),
+            "{}",
+            errs[0]
+        );
+        assert_eq!(decode_limiter_disabled("k", "enabled"), Ok(false));
+
+        assert_eq!(decode_core_limit("k", "80", 30), Ok(80));
+        assert_eq!(decode_core_limit("k", "30", 30), Ok(30));
+        assert_eq!(decode_core_limit("k", "100", 30), Ok(100));
+        for (bad, why) in [
+            ("20", "outside 30 to 100"),
+            ("101", "outside 30 to 100"),
+            ("8O", "not an integer"),
+            ("-5", "not an integer"),
+            ("", "not an integer"),
+            ("50%", "not an integer"),
+        ] {
+            let e = decode_core_limit("tencent.com/vcuda-core-limit", bad, 30).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+            assert!(
+                e.to_string()
+                    .contains("from the share's vcuda-core (30) to 100"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
