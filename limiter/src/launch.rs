@@ -39,6 +39,7 @@ unsafe impl Send for Timing {}
 
 static COSTS: SpinLock<Option<HashMap<(usize, u64), (CostEstimate, u64)>>> = SpinLock::new(None);
 static PENDING: SpinLock<Vec<Timing>> = SpinLock::new(Vec::new());
+static PENDING_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static EVENTS: SpinLock<Vec<usize>> = SpinLock::new(Vec::new());
 static LAST_LAUNCH: AtomicU64 = AtomicU64::new(0);
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
@@ -148,7 +149,9 @@ pub fn plan(func: usize, grid_blocks: u64, block_threads: u32, stream: CUstream)
     let now = now_ns();
     let idle = now.saturating_sub(LAST_LAUNCH.swap(now, Ordering::Relaxed));
     let n = LAUNCHES.fetch_add(1, Ordering::Relaxed);
-    if n % 8 == 0 {
+    // Fold finished timings in every 8 launches, and at once after the host waited (a sync
+    // loop launches rarely, and its first measurements matter most).
+    if PENDING_COUNT.load(Ordering::Relaxed) > 0 && (n.is_multiple_of(8) || idle > 1_000_000) {
         poll_timings();
     }
     let key = (func, grid_blocks);
@@ -179,6 +182,11 @@ pub fn plan(func: usize, grid_blocks: u64, block_threads: u32, stream: CUstream)
         _ => controller::PPM,
     };
     let rate = controller::effective_rate_ppm(target, mult);
+    if let Some(w) = shm::card_u64(*ti, card::MAX_COST) {
+        if w.load(Ordering::Relaxed) < cost {
+            w.fetch_max(cost, Ordering::Relaxed);
+        }
+    }
     if let Some(bucket) = shm::bucket(*ti) {
         let mut cur = bucket.load(Ordering::Acquire);
         loop {
@@ -259,6 +267,7 @@ pub fn run(
             let r = launch();
             if began && r == CUDA_SUCCESS && record(t.end, stream, per_thread) {
                 PENDING.lock().push(t);
+                PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
             } else {
                 EVENTS.lock().extend([t.start as usize, t.end as usize]);
             }
@@ -280,6 +289,7 @@ fn poll_timings() {
             // SAFETY: querying our own recorded event.
             if unsafe { query(p[i].end) } == CUDA_SUCCESS {
                 done.push(p.swap_remove(i));
+                PENDING_COUNT.fetch_sub(1, Ordering::Relaxed);
             } else {
                 i += 1;
             }
@@ -317,6 +327,7 @@ pub fn after_fork_in_child() {
     EVENTS.force_unlock();
     CAPTURING.force_unlock();
     PENDING.lock().clear();
+    PENDING_COUNT.store(0, Ordering::Relaxed);
     EVENTS.lock().clear();
     CAPTURING.lock().clear();
     CAPTURE_COUNT.store(0, Ordering::Release);

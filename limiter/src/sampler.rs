@@ -146,6 +146,7 @@ fn run() {
                 own_pct,
                 sample_id: newest,
                 throttled,
+                job_ns: shm::card_u64(ti, card::MAX_COST).map_or(0, |w| w.swap(0, Ordering::Relaxed)),
             });
             publish(ti, m, target, own, total, known);
         }

@@ -23,7 +23,7 @@ pub struct RegionError(pub String);
 
 fn word32(off: usize) -> Option<&'static AtomicU32> {
     let base = BASE.load(Ordering::Acquire);
-    if base.is_null() || off % 4 != 0 || off + 4 > layout::REGION_SIZE {
+    if base.is_null() || !off.is_multiple_of(4) || off + 4 > layout::REGION_SIZE {
         return None;
     }
     // SAFETY: `base` maps REGION_SIZE bytes for the life of the process (never unmapped), the
@@ -33,7 +33,7 @@ fn word32(off: usize) -> Option<&'static AtomicU32> {
 
 fn word64(off: usize) -> Option<&'static AtomicU64> {
     let base = BASE.load(Ordering::Acquire);
-    if base.is_null() || off % 8 != 0 || off + 8 > layout::REGION_SIZE {
+    if base.is_null() || !off.is_multiple_of(8) || off + 8 > layout::REGION_SIZE {
         return None;
     }
     // SAFETY: as in `word32`, with an 8-aligned in-bounds offset.
@@ -187,6 +187,9 @@ pub fn my_slot() -> Option<usize> {
                 if let Some(h) = word32(layout::slot_field(i, slot::HOST_PID)) {
                     h.store(0, Ordering::Release);
                 }
+                if let Some(high) = word32(layout::header::SLOTS_HIGH) {
+                    high.fetch_max(i as u32 + 1, Ordering::AcqRel);
+                }
                 MY_PID.store(pid, Ordering::Release);
                 MY_SLOT.store(i + 1, Ordering::Release);
                 return Some(i);
@@ -199,9 +202,14 @@ pub fn my_slot() -> Option<usize> {
     None
 }
 
+/// Slots that were ever used (scans stop there).
+fn slots_in_use() -> usize {
+    word32(layout::header::SLOTS_HIGH).map_or(layout::MAX_SLOTS, |w| (w.load(Ordering::Acquire) as usize).min(layout::MAX_SLOTS))
+}
+
 /// Release the charges and slots of processes that no longer exist.
 pub fn reap_dead() {
-    for i in 0..layout::MAX_SLOTS {
+    for i in 0..slots_in_use() {
         let Some(w) = word32(layout::slot_field(i, slot::PID)) else {
             return;
         };
@@ -220,7 +228,7 @@ pub fn reap_dead() {
 /// Bytes charged on a card by every live slot.
 pub fn used_on(card_ix: usize) -> u64 {
     let mut total = 0u64;
-    for i in 0..layout::MAX_SLOTS {
+    for i in 0..slots_in_use() {
         let (Some(w), Some(u)) = (
             word32(layout::slot_field(i, slot::PID)),
             word64(layout::slot_used(i, card_ix)),
@@ -258,9 +266,9 @@ fn lock_card(card_ix: usize) -> Option<CardLock> {
                     // Left behind by our pre-fork parent with our pid? Impossible (pids differ);
                     // a holder equal to us means a bug or pid reuse after a crash: take it.
                     let _ = w.compare_exchange(holder, 0, Ordering::AcqRel, Ordering::Acquire);
-                } else if spins % 256 == 0 && dead(holder) {
+                } else if spins.is_multiple_of(256) && dead(holder) {
                     let _ = w.compare_exchange(holder, 0, Ordering::AcqRel, Ordering::Acquire);
-                } else if spins % 16 == 0 {
+                } else if spins.is_multiple_of(16) {
                     std::thread::yield_now();
                 } else {
                     std::hint::spin_loop();
@@ -334,7 +342,7 @@ pub fn set_host_pid(host_pid: u32) {
 /// Host pids of the container's live processes (0 entries skipped).
 pub fn host_pids(out: &mut Vec<u32>) {
     out.clear();
-    for i in 0..layout::MAX_SLOTS {
+    for i in 0..slots_in_use() {
         let (Some(p), Some(h)) = (
             word32(layout::slot_field(i, slot::PID)),
             word32(layout::slot_field(i, slot::HOST_PID)),

@@ -37,6 +37,8 @@ pub mod header {
     pub const SIZE: usize = 8;
     /// u32: 1 once the region is initialised.
     pub const READY: usize = 16;
+    /// u32: one past the highest slot ever registered (scans stop there).
+    pub const SLOTS_HIGH: usize = 20;
 }
 
 /// Start of the per-card blocks.
@@ -66,6 +68,8 @@ pub mod card {
     pub const TOTAL_UTIL: usize = 164;
     /// u32: the current target in per-mille (the share, or more in soft mode).
     pub const TARGET: usize = 168;
+    /// u64: the largest estimated launch cost (GPU-ns) charged since the sampler last took it.
+    pub const MAX_COST: usize = 176;
 }
 
 /// Start of the process slots.
@@ -120,6 +124,7 @@ mod tests {
                 (card::OWN_UTIL, 4),
                 (card::TOTAL_UTIL, 4),
                 (card::TARGET, 4),
+                (card::MAX_COST, 8),
             ] {
                 let off = card_field(c, f);
                 assert_eq!(off % w, 0, "card {c} field {f}");
