@@ -85,6 +85,44 @@ pub struct Args {
     )]
     pub limiter_dir: PathBuf,
 
+    /// The in-container limiter shipped with gpu-manager (copied into --limiter-install-dir at
+    /// start). Without it, share containers are refused.
+    #[arg(
+        long,
+        env = "GPU_MANAGER_LIMITER_LIBRARY",
+        default_value = "/usr/lib/gpu-manager/libvcuda.so"
+    )]
+    pub limiter_library: PathBuf,
+
+    /// Host directory where the limiter library is installed under a versioned, never
+    /// rewritten name, with the ld.so.preload file mounted into share containers.
+    #[arg(
+        long,
+        env = "GPU_MANAGER_LIMITER_INSTALL_DIR",
+        default_value = "/var/lib/gpu-manager/lib"
+    )]
+    pub limiter_install_dir: PathBuf,
+
+    /// Host directory holding one read-write limiter state directory per share container
+    /// (mounted at /run/vcuda).
+    #[arg(
+        long,
+        env = "GPU_MANAGER_LIMITER_STATE_DIR",
+        default_value = "/var/lib/gpu-manager/vcuda-state"
+    )]
+    pub limiter_state_dir: PathBuf,
+
+    /// Honour the pod annotation <domain>/vcuda-limiter=disabled (its share containers then run
+    /// without a memory cap or compute share). false: the annotation is ignored with a warning.
+    #[arg(
+        long,
+        env = "GPU_MANAGER_LIMITER_ALLOW_OPT_OUT",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "true|false"
+    )]
+    pub limiter_allow_opt_out: bool,
+
     /// Host directory of the NVIDIA device nodes (/dev/nvidia*).
     #[arg(long, env = "GPU_MANAGER_DEV_ROOT", default_value = "/dev")]
     pub dev_root: PathBuf,
@@ -263,6 +301,10 @@ impl Args {
             pod_resources_socket: self.pod_resources_socket,
             checkpoint_dir: self.checkpoint_dir,
             limiter_dir: self.limiter_dir,
+            limiter_library: self.limiter_library,
+            limiter_install_dir: self.limiter_install_dir,
+            limiter_state_dir: self.limiter_state_dir,
+            limiter_allow_opt_out: self.limiter_allow_opt_out,
             dev_root: self.dev_root,
             names: self.resource_domain,
             policy: self.policy,
@@ -353,6 +395,44 @@ mod tests {
             Some("0.0.0.0:5678".parse().unwrap())
         );
         assert!(matches!(s.backend, BackendChoice::Simulated { .. }));
+        assert_eq!(
+            s.config.limiter_library,
+            PathBuf::from("/usr/lib/gpu-manager/libvcuda.so")
+        );
+        assert_eq!(
+            s.config.limiter_install_dir,
+            PathBuf::from("/var/lib/gpu-manager/lib")
+        );
+        assert_eq!(
+            s.config.limiter_state_dir,
+            PathBuf::from("/var/lib/gpu-manager/vcuda-state")
+        );
+        assert!(s.config.limiter_allow_opt_out);
+    }
+
+    #[test]
+    fn the_limiter_flags_are_read() {
+        let a = parse(&[
+            "--node-name",
+            "n",
+            "--limiter-library",
+            "/opt/libvcuda.so",
+            "--limiter-install-dir",
+            "/host/lib",
+            "--limiter-state-dir",
+            "/host/state",
+            "--limiter-allow-opt-out=false",
+        ])
+        .unwrap();
+        let c = a.into_setup().unwrap().config;
+        assert_eq!(c.limiter_library, PathBuf::from("/opt/libvcuda.so"));
+        assert_eq!(c.limiter_install_dir, PathBuf::from("/host/lib"));
+        assert_eq!(c.limiter_state_dir, PathBuf::from("/host/state"));
+        assert!(!c.limiter_allow_opt_out);
+        let e = parse(&["--limiter-allow-opt-out", "maybe"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--limiter-allow-opt-out"), "{e}");
     }
 
     #[test]

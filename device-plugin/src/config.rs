@@ -30,6 +30,14 @@ pub struct DaemonConfig {
     pub checkpoint_dir: PathBuf,
     /// Host directory holding one limiter directory per container.
     pub limiter_dir: PathBuf,
+    /// The `libvcuda.so` shipped with the daemon, copied into `limiter_install_dir` at start.
+    pub limiter_library: PathBuf,
+    /// Host directory of the installed, versioned libraries and the `ld.so.preload` file.
+    pub limiter_install_dir: PathBuf,
+    /// Host directory holding one read-write limiter state directory per share container.
+    pub limiter_state_dir: PathBuf,
+    /// Honour the `vcuda-limiter: disabled` pod annotation.
+    pub limiter_allow_opt_out: bool,
     /// Host directory holding the NVIDIA device nodes.
     pub dev_root: PathBuf,
     /// Resource names (and with them every annotation key's domain).
@@ -58,7 +66,8 @@ pub struct DaemonConfig {
 impl DaemonConfig {
     /// A configuration with the documented defaults for everything but the paths, which are
     /// placed under `root` (handy for tests: `root/device-plugins`, `root/pod-resources/kubelet.sock`,
-    /// `root/checkpoint`, `root/vcuda`, `root/dev`). Standalone, no metrics server.
+    /// `root/checkpoint`, `root/vcuda`, `root/dev`, the library `root/libvcuda.so` (which the
+    /// caller provides), `root/lib`, `root/vcuda-state`). Standalone, no metrics server.
     pub fn under(root: impl Into<PathBuf>, node_name: &str) -> Self {
         let root = root.into();
         Self {
@@ -67,6 +76,10 @@ impl DaemonConfig {
             pod_resources_socket: root.join("pod-resources").join("kubelet.sock"),
             checkpoint_dir: root.join("checkpoint"),
             limiter_dir: root.join("vcuda"),
+            limiter_library: root.join("libvcuda.so"),
+            limiter_install_dir: root.join("lib"),
+            limiter_state_dir: root.join("vcuda-state"),
+            limiter_allow_opt_out: true,
             dev_root: root.join("dev"),
             names: ResourceNames::default(),
             policy: Policy::Topology,

@@ -28,8 +28,10 @@ use tokio::task::JoinHandle;
 use crate::cluster::{spawn_patch_worker, Cluster, RetryPolicy};
 use crate::config::DaemonConfig;
 use crate::error::DaemonError;
+use crate::library::{self, InstalledLibrary};
 use crate::limiter::LimiterWriter;
 use crate::pods::PodSource;
+use crate::response::LimiterDirs;
 use crate::shared::{RestoreOutcome, Shared};
 use crate::state::checkpoint::{self, Data, PersistedRecord};
 use crate::state::{State, StateConfig};
@@ -111,6 +113,36 @@ fn ensure_dir(path: &std::path::Path) -> Result<(), DaemonError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Install `--limiter-library` into `--limiter-install-dir`. A failure does not stop the
+/// daemon (whole cards need no limiter) but is logged, and share containers are refused.
+async fn install_library(config: &DaemonConfig) -> Result<InstalledLibrary, String> {
+    let source = config.limiter_library.clone();
+    let dir = config.limiter_install_dir.clone();
+    let installed = tokio::task::spawn_blocking(move || {
+        library::install(&source, &dir, env!("CARGO_PKG_VERSION"))
+    })
+    .await
+    .map_err(|e| format!("installing the limiter library failed: {e}"))
+    .and_then(|r| r.map_err(|e| e.to_string()));
+    match &installed {
+        Ok(lib) => {
+            let older = library::other_versions(&config.limiter_install_dir, &lib.path);
+            tracing::info!(
+                library = %lib.path.display(),
+                preload = %lib.preload.display(),
+                sha256 = %lib.sha256,
+                new = lib.written,
+                older_versions_kept = older.len(),
+                "limiter library installed"
+            );
+        }
+        Err(e) => tracing::error!(
+            "{e}; share containers (vcuda-core 1-99) will be refused at Allocate until gpu-manager is restarted with the library in place, because they would run without their memory cap and compute share"
+        ),
+    }
+    installed
 }
 
 fn restore(config: &DaemonConfig, state: &mut State) -> RestoreOutcome {
@@ -220,6 +252,8 @@ impl Daemon {
         ensure_dir(&config.kubelet_dir)?;
         ensure_dir(&config.checkpoint_dir)?;
         ensure_dir(&config.limiter_dir)?;
+        ensure_dir(&config.limiter_state_dir)?;
+        let library = install_library(&config).await;
 
         let backend = Arc::clone(&deps.backend);
         let inventory = tokio::task::spawn_blocking(move || backend.inventory())
@@ -253,7 +287,11 @@ impl Daemon {
             _ => None,
         };
         let pods = if standalone { None } else { deps.pods.clone() };
-        let limiter = LimiterWriter::spawn(config.limiter_dir.clone()).map_err(|e| {
+        let limiter = LimiterWriter::spawn(LimiterDirs::new(
+            config.limiter_dir.clone(),
+            config.limiter_state_dir.clone(),
+        ))
+        .map_err(|e| {
             DaemonError::Inventory(format!("cannot start the limiter writer thread: {e}"))
         })?;
         let shared = Arc::new(Shared::new(
@@ -262,6 +300,7 @@ impl Daemon {
             pods,
             patches,
             limiter,
+            library,
             state,
         ));
         *shared.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());

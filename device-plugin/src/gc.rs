@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::cluster::PatchJob;
+use crate::plugin::pod_limits;
 use crate::podresources::PodResourcesError;
 use crate::response::{self, LimiterState};
 use crate::shared::Shared;
@@ -29,6 +30,7 @@ pub async fn reconcile_once(shared: &Shared) -> (Reconciled, Option<PodResources
         Err(e) => (None, Some(e)),
     };
     let pods = shared.pods.clone();
+    let snapshot = shared.pods_snapshot();
     let now = Now::current();
     let (out, limiters) = shared.with_state(|st| {
         let out = st.reconcile(listed.as_deref(), pods.as_deref(), now);
@@ -36,11 +38,14 @@ pub async fn reconcile_once(shared: &Shared) -> (Reconciled, Option<PodResources
             .adopted
             .iter()
             .filter(|r| r.shape.is_some())
-            .map(|r| response::limiter_config(r, st.inventory(), LimiterState::Confirmed))
+            .map(|r| {
+                let pod = st.certain_pod(r, &snapshot);
+                let soft = pod_limits(shared, r, pod.as_deref(), false).soft;
+                response::limiter_config(r, st.inventory(), LimiterState::Confirmed, soft)
+            })
             .collect();
         (out, limiters)
     });
-    let dir = &shared.config.limiter_dir;
     for (rec, reason) in &out.released {
         tracing::info!(
             record = %rec.id,
@@ -70,21 +75,26 @@ pub async fn reconcile_once(shared: &Shared) -> (Reconciled, Option<PodResources
             annotations: annotations.clone(),
         });
     }
-    sweep_limiters(shared, dir);
+    sweep_limiters(
+        shared,
+        &[&shared.config.limiter_dir, &shared.config.limiter_state_dir],
+    );
     (out, error)
 }
 
-/// Remove limiter directories that belong to no record.
-fn sweep_limiters(shared: &Shared, dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let names: Vec<String> = entries
+/// Remove limiter config and state directories that belong to no record.
+fn sweep_limiters(shared: &Shared, dirs: &[&Path]) {
+    let mut names: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| looks_like_record_id(n))
         .collect();
+    names.sort();
+    names.dedup();
     if names.is_empty() {
         return;
     }

@@ -13,6 +13,7 @@
 //! | [`state`] | allocation records, the derived ledger, pairing and decisions, the checkpoint |
 //! | [`response`] | `ContainerAllocateResponse` contents and the limiter config file |
 //! | [`limiter`] | the ordered writer of limiter config files |
+//! | [`library`] | installs `libvcuda.so` on the host at a versioned, immutable path |
 //! | [`pods`] | the pod source: API server watch or in-memory |
 //! | [`podresources`] | the kubelet's pod-resources client (rate-limited) |
 //! | [`health`] | XID / lost-card monitoring and re-probing |
@@ -29,6 +30,7 @@ pub mod error;
 pub mod fsutil;
 pub mod gc;
 pub mod health;
+pub mod library;
 pub mod limiter;
 pub mod plugin;
 pub mod podresources;

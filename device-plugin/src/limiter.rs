@@ -1,4 +1,5 @@
-//! An ordered writer for the limiter config files, on a thread of its own.
+//! An ordered writer for the limiter config files (`limits.json`, `vcuda.cfg`) and state
+//! directories, on a thread of its own.
 //!
 //! `Allocate` must be fast, and file-system metadata operations can stall for milliseconds
 //! while another file on the same file system is being fsynced (the checkpoint). So
@@ -6,13 +7,12 @@
 //! starts, queues a durable rewrite and waits for it (failing the start if it cannot be
 //! written). Jobs run strictly in queue order, so a later write of a record always wins.
 
-use std::path::PathBuf;
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
 use crate::config::LIMITER_FILE;
-use crate::response::{limiter_host_dir, remove_limiter, write_limiter, LimiterConfig};
+use crate::response::{remove_limiter, write_limiter, LimiterConfig, LimiterDirs};
 
 enum Job {
     Write {
@@ -29,7 +29,7 @@ enum Job {
 /// Handle to the writer thread.
 #[derive(Debug, Clone)]
 pub struct LimiterWriter {
-    dir: PathBuf,
+    dirs: LimiterDirs,
     tx: mpsc::Sender<Job>,
 }
 
@@ -43,10 +43,10 @@ impl std::fmt::Debug for Job {
 }
 
 impl LimiterWriter {
-    /// Start the writer thread for `dir`. It ends when every handle is dropped.
-    pub fn spawn(dir: PathBuf) -> std::io::Result<Self> {
+    /// Start the writer thread for `dirs`. It ends when every handle is dropped.
+    pub fn spawn(dirs: LimiterDirs) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
-        let thread_dir = dir.clone();
+        let thread_dir = dirs.clone();
         std::thread::Builder::new()
             .name("limiter-writer".into())
             .spawn(move || {
@@ -54,7 +54,7 @@ impl LimiterWriter {
                     run(&thread_dir, job);
                 }
             })?;
-        Ok(Self { dir, tx })
+        Ok(Self { dirs, tx })
     }
 
     /// Queue a write and return at once; a failure is logged.
@@ -103,12 +103,12 @@ impl LimiterWriter {
     fn send(&self, job: Job) {
         if let Err(mpsc::SendError(job)) = self.tx.send(job) {
             // The thread is gone (only at shutdown): do it here.
-            run(&self.dir, job);
+            run(&self.dirs, job);
         }
     }
 }
 
-fn run(dir: &std::path::Path, job: Job) {
+fn run(dirs: &LimiterDirs, job: Job) {
     match job {
         Job::Write {
             config,
@@ -117,18 +117,19 @@ fn run(dir: &std::path::Path, job: Job) {
             done,
         } => {
             let skip = only_if_missing
-                && limiter_host_dir(dir, &config.record_id)
+                && dirs
+                    .config_dir(&config.record_id)
                     .join(LIMITER_FILE)
                     .exists();
             let result = if skip {
                 Ok(())
             } else {
-                write_limiter(dir, &config, durable).map(|_| ())
+                write_limiter(dirs, &config, durable).map(|_| ())
             };
             if let Err(e) = &result {
                 tracing::error!(
-                    dir = %limiter_host_dir(dir, &config.record_id).display(), error = %e,
-                    "cannot write the limiter config; check that --limiter-dir is writable and the disk is not full"
+                    dir = %dirs.config_dir(&config.record_id).display(), error = %e,
+                    "cannot write the limiter config; check that --limiter-dir and --limiter-state-dir are writable and the disk is not full"
                 );
             }
             if let Some(done) = done {
@@ -136,7 +137,7 @@ fn run(dir: &std::path::Path, job: Job) {
             }
         }
         Job::Remove { record_id } => {
-            if let Err(e) = remove_limiter(dir, &record_id) {
+            if let Err(e) = remove_limiter(dirs, &record_id) {
                 tracing::warn!(record = %record_id, error = %e, "cannot remove the limiter directory");
             }
         }
@@ -146,34 +147,46 @@ fn run(dir: &std::path::Path, job: Job) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::response::{LimiterCard, LimiterState, LIMITER_VERSION};
+    use crate::response::{LimiterCard, LimiterMode, LimiterState, LIMITER_VERSION};
 
     fn cfg(cores: u32) -> LimiterConfig {
         LimiterConfig {
             version: LIMITER_VERSION,
             record_id: "r-0123456789abcdef0123".into(),
             state: LimiterState::Allocated,
+            mode: LimiterMode::Hard,
             pod: None,
             cards: vec![LimiterCard {
                 index: 0,
                 uuid: "GPU-x".into(),
                 minor: 0,
                 cores_limit: cores,
+                cores_upper_limit: cores,
                 memory_limit_bytes: None,
             }],
         }
     }
 
+    fn dirs(root: &std::path::Path) -> LimiterDirs {
+        LimiterDirs::new(root.to_path_buf(), root.join("state"))
+    }
+
     #[tokio::test]
     async fn writes_land_in_queue_order_and_a_waited_write_sees_the_earlier_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let w = LimiterWriter::spawn(dir.path().to_path_buf()).unwrap();
+        let w = LimiterWriter::spawn(dirs(dir.path())).unwrap();
         w.queue(cfg(10));
         w.queue_if_missing(cfg(20));
         w.write(cfg(30)).await.unwrap();
         let path = dir.path().join("r-0123456789abcdef0123/limits.json");
         let back: LimiterConfig = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(back.cards[0].cores_limit, 30);
+        let state = dir.path().join("state/r-0123456789abcdef0123");
+        assert!(state.is_dir());
+        let binary = dir.path().join("r-0123456789abcdef0123/vcuda.cfg");
+        let b = gm_limiter_core::config::Config::decode(&std::fs::read(&binary).unwrap()).unwrap();
+        assert_eq!(b.cards[0].cores, 30);
+        assert!(b.incomplete, "the memory half is not known");
         w.remove("r-0123456789abcdef0123");
         w.write(cfg(40)).await.unwrap();
         w.remove("r-0123456789abcdef0123");
@@ -184,6 +197,7 @@ mod tests {
         };
         w.write(other).await.unwrap();
         assert!(!path.exists());
+        assert!(!state.exists());
     }
 
     #[tokio::test]
@@ -191,7 +205,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, b"x").unwrap();
-        let w = LimiterWriter::spawn(file).unwrap();
+        let w = LimiterWriter::spawn(LimiterDirs::new(file.clone(), file)).unwrap();
         assert!(w.write(cfg(10)).await.is_err());
     }
 }

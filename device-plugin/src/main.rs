@@ -143,6 +143,15 @@ fn print_summary(daemon: &Daemon, setup: &Setup) {
         c.checkpoint_path().display(),
         c.limiter_dir.display()
     );
+    match &daemon.handle().shared().library {
+        Ok(lib) => tracing::info!(
+            "limiter: {} (preload {}), state under {}; share containers get them mounted",
+            lib.path.display(),
+            lib.preload.display(),
+            c.limiter_state_dir.display()
+        ),
+        Err(e) => tracing::error!("limiter: not installed ({e}); share containers are refused"),
+    }
     if let Some(addr) = daemon.handle().metrics_addr() {
         tracing::info!("health: http://{addr}/healthz and http://{addr}/readyz");
     }

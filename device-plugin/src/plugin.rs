@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use gm_core::devices::DeviceKind;
+use gm_core::annotations::{decode_core_limit, LIMITER_DISABLED};
+use gm_core::devices::{CoreShape, DeviceKind};
 use gm_proto::deviceplugin::v1beta1 as dp;
 use gm_proto::deviceplugin::v1beta1::device_plugin_server::DevicePlugin;
 use tokio::sync::watch;
@@ -18,6 +19,7 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::PatchJob;
+use crate::library::InstalledLibrary;
 use crate::podresources::holder;
 use crate::pods::PodInfo;
 use crate::response::{self, LimiterState, ResponseContext};
@@ -33,6 +35,47 @@ pub fn options() -> dp::DevicePluginOptions {
         pre_start_required: true,
         get_preferred_allocation_available: true,
     }
+}
+
+/// What a pod's annotations ask of the limiter for one of its share containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodLimits {
+    /// `vcuda-limiter: disabled`, allowed by `--limiter-allow-opt-out`.
+    pub opted_out: bool,
+    /// `vcuda-core-limit`, checked against the share (soft mode).
+    pub soft: Option<u32>,
+}
+
+/// The limiter annotations of a share's pod (`None`: not known for certain, so the
+/// defaults: enforced, hard mode). Logs what it ignores when `log`.
+pub fn pod_limits(shared: &Shared, rec: &Record, pod: Option<&PodInfo>, log: bool) -> PodLimits {
+    let mut out = PodLimits::default();
+    let (Some(pod), Some(CoreShape::Share { .. })) = (pod, &rec.shape) else {
+        return out;
+    };
+    let keys = &shared.keys;
+    if pod.annotations.limiter_disabled {
+        if shared.config.limiter_allow_opt_out {
+            out.opted_out = true;
+        } else if log {
+            tracing::warn!(
+                pod = %pod.key(),
+                "the pod asks for {}={LIMITER_DISABLED}, but gpu-manager runs with --limiter-allow-opt-out=false: its memory cap and compute share are enforced",
+                keys.limiter
+            );
+        }
+    }
+    if let Some(raw) = &pod.annotations.core_limit {
+        match decode_core_limit(&keys.core_limit, raw, rec.cores()) {
+            Ok(v) => out.soft = Some(v),
+            Err(e) => {
+                if log {
+                    tracing::warn!(pod = %pod.key(), value = %raw, error = %e, "ignoring the soft-mode annotation: the share is limited in hard mode");
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One device plugin server instance. `stop` ends its ListAndWatch streams.
@@ -70,13 +113,44 @@ impl PluginService {
         }
     }
 
-    fn context<'a>(&'a self, inv: &'a gm_core::NodeInventory) -> ResponseContext<'a> {
+    fn context<'a>(
+        &'a self,
+        inv: &'a gm_core::NodeInventory,
+        library: Option<&'a InstalledLibrary>,
+    ) -> ResponseContext<'a> {
         ResponseContext {
             inventory: inv,
             names: &self.shared.config.names,
             dev_root: &self.shared.config.dev_root,
             limiter_dir: &self.shared.config.limiter_dir,
+            state_dir: &self.shared.config.limiter_state_dir,
+            library,
         }
+    }
+
+    /// The limiter annotations of a share's pod; see [`pod_limits`].
+    pub fn pod_limits(&self, rec: &Record, pod: Option<&PodInfo>, log: bool) -> PodLimits {
+        pod_limits(&self.shared, rec, pod, log)
+    }
+
+    fn library_error(&self, problem: &str, rec: &Record) -> RequestError {
+        let who = rec
+            .pod()
+            .map(|p| format!("pod {}/{} container {:?}", p.namespace, p.name, p.container))
+            .unwrap_or_else(|| "this container".to_string());
+        let card = rec.cards().first().copied().unwrap_or_default();
+        let opt_out = if self.shared.config.limiter_allow_opt_out {
+            format!(
+                ", or annotate the pod {}={LIMITER_DISABLED} to run it without limits",
+                self.shared.keys.limiter
+            )
+        } else {
+            String::new()
+        };
+        RequestError::precondition(format!(
+            "refusing to give {who} a share of card {card} ({} vcuda-core) without the in-container limiter: {problem}. Without libvcuda.so the share's memory cap and compute share would not be enforced. Put the library at --limiter-library (the image ships it at /usr/lib/gpu-manager/libvcuda.so) and restart gpu-manager{opt_out}",
+            rec.cores()
+        ))
     }
 
     /// Allocate one container's IDs.
@@ -113,19 +187,42 @@ impl PluginService {
     ) -> Result<dp::ContainerAllocateResponse, Status> {
         let now = Now::current();
         let kind = self.kind;
+        let library_missing = self.shared.library.is_err();
         let decided = self.shared.with_state(|st| {
+            // Refusing a share for want of the library must leave no trace of it.
+            let backup = (kind == DeviceKind::Core && library_missing).then(|| st.clone());
             let allocated = st.allocate(kind, ids, pods, now)?;
             let rec = allocated.record();
-            let inv = st.inventory();
-            let (resp, limiter) = if rec.shape.is_some() {
-                (
-                    response::core_response(rec, &self.context(inv)),
-                    Some(response::limiter_config(rec, inv, LimiterState::Allocated)),
-                )
-            } else {
-                (dp::ContainerAllocateResponse::default(), None)
+            if rec.shape.is_none() {
+                return Ok((allocated, dp::ContainerAllocateResponse::default(), None));
+            }
+            let pod = st.certain_pod(rec, pods);
+            let limits = self.pod_limits(rec, pod.as_deref(), kind == DeviceKind::Core);
+            let share = matches!(rec.shape, Some(CoreShape::Share { .. }));
+            let library = match &self.shared.library {
+                Ok(lib) if share && !limits.opted_out => Some(lib),
+                Err(problem) if share && !limits.opted_out && kind == DeviceKind::Core => {
+                    let err = self.library_error(problem, rec);
+                    if let Some(b) = backup {
+                        *st = b;
+                    }
+                    return Err(err);
+                }
+                _ => None,
             };
-            Ok::<_, RequestError>((allocated, resp, limiter))
+            if share && limits.opted_out && kind == DeviceKind::Core {
+                tracing::info!(
+                    pod = pod.as_ref().map(|p| p.key()).unwrap_or_default(),
+                    record = %rec.id,
+                    "the pod opted out of the limiter ({}={LIMITER_DISABLED}): its share runs without a memory cap or compute share",
+                    self.shared.keys.limiter
+                );
+            }
+            let inv = st.inventory();
+            let resp = response::core_response(rec, &self.context(inv, library));
+            let limiter =
+                response::limiter_config(rec, inv, LimiterState::Allocated, limits.soft);
+            Ok::<_, RequestError>((allocated, resp, Some(limiter)))
         });
         let (allocated, resp, limiter) = decided.map_err(|e| {
             tracing::warn!(resource = self.resource(), ids = %summary(ids), error = %e.message, "Allocate refused");
@@ -194,6 +291,7 @@ impl PluginService {
         let kind = self.kind;
         let now = Now::current();
         let pods = self.shared.pods.clone();
+        let snapshot = self.shared.pods_snapshot();
         let result = self.shared.with_state(|st| {
             if let Some(l) = &listed {
                 // An allocation the state lost (checkpoint removed) is adopted here.
@@ -205,11 +303,12 @@ impl PluginService {
             } else {
                 LimiterState::Allocated
             };
-            let limiter = conf
-                .record
-                .shape
-                .is_some()
-                .then(|| response::limiter_config(&conf.record, st.inventory(), state));
+            let limiter = conf.record.shape.is_some().then(|| {
+                let pod = st.certain_pod(&conf.record, &snapshot);
+                let limits =
+                    self.pod_limits(&conf.record, pod.as_deref(), kind == DeviceKind::Core);
+                response::limiter_config(&conf.record, st.inventory(), state, limits.soft)
+            });
             Ok::<_, RequestError>((conf, limiter))
         });
         let (conf, limiter) = result.map_err(|e| {
@@ -221,7 +320,7 @@ impl PluginService {
                 let dir =
                     response::limiter_host_dir(&self.shared.config.limiter_dir, &conf.record.id);
                 return Err(Status::internal(format!(
-                    "cannot write the limiter config in {}: {e}; check that --limiter-dir is writable and the disk is not full",
+                    "cannot write the limiter config in {}: {e}; check that --limiter-dir and --limiter-state-dir are writable and the disk is not full",
                     dir.display()
                 )));
             }

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cluster::PatchJob;
 use crate::config::DaemonConfig;
+use crate::library::InstalledLibrary;
 use crate::limiter::LimiterWriter;
 use crate::podresources::PodResourcesClient;
 use crate::pods::{PodInfo, PodSource};
@@ -80,6 +81,9 @@ pub struct Shared {
     pub patches: Option<mpsc::Sender<PatchJob>>,
     /// Writes the limiter config files, in order, off the request path.
     pub limiter: LimiterWriter,
+    /// The installed `libvcuda.so`, or why it could not be installed (share containers are
+    /// then refused unless their pod opted out of the limiter).
+    pub library: Result<InstalledLibrary, String>,
     state: Mutex<State>,
     devices: [watch::Sender<Arc<dp::ListAndWatchResponse>>; 2],
     inventory: watch::Sender<Arc<NodeInventory>>,
@@ -111,6 +115,7 @@ impl Shared {
         pods: Option<Arc<dyn PodSource>>,
         patches: Option<mpsc::Sender<PatchJob>>,
         limiter: LimiterWriter,
+        library: Result<InstalledLibrary, String>,
         state: State,
     ) -> Self {
         let inv = state.inventory().clone();
@@ -126,6 +131,7 @@ impl Shared {
             pods,
             patches,
             limiter,
+            library,
             devices: [
                 watch::Sender::new(Arc::new(device_list(&inv, DeviceKind::Core))),
                 watch::Sender::new(Arc::new(device_list(&inv, DeviceKind::Memory))),

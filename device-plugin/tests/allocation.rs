@@ -164,9 +164,21 @@ async fn allocate_returns_devices_env_limiter_mount_and_annotations() {
     );
     assert_eq!(resp.envs["NVIDIA_VISIBLE_DEVICES"], UUID3);
     assert_eq!(resp.envs["VCUDA_CONFIG"], "/etc/vcuda/limits.json");
-    assert_eq!(resp.mounts.len(), 1);
-    assert_eq!(resp.mounts[0].container_path, "/etc/vcuda");
-    assert!(resp.mounts[0].read_only);
+    let mounts: Vec<(&str, bool)> = resp
+        .mounts
+        .iter()
+        .map(|m| (m.container_path.as_str(), m.read_only))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("/etc/vcuda", true),
+            ("/usr/local/vcuda/libvcuda.so", true),
+            ("/etc/ld.so.preload", true),
+            ("/run/vcuda", false),
+        ],
+        "a share gets its config, the limiter and a state directory"
+    );
     assert_eq!(resp.annotations["tencent.com/vcuda-core"], "30");
     assert_eq!(resp.annotations["tencent.com/vcuda-device"], "/dev/nvidia3");
     let cfg = limiter(&h, &resp).await;
@@ -225,6 +237,8 @@ async fn whole_cards_list_every_uuid_in_card_order_with_all_their_memory() {
         resp.annotations["tencent.com/vcuda-memory"],
         (2 * 81559u64 * 1024 * 1024).to_string()
     );
+    assert_eq!(resp.mounts.len(), 1, "whole cards get no limiter");
+    assert_eq!(resp.mounts[0].container_path, "/etc/vcuda");
     let cfg = limiter(&h, &resp).await;
     assert!(cfg.cards.iter().all(|c| c.cores_limit == 100));
     assert_eq!(cfg.cards[0].memory_limit_bytes, Some(81559 * 1024 * 1024));

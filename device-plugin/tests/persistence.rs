@@ -252,7 +252,10 @@ async fn ended_allocations_are_released_and_their_limiter_directories_removed() 
     h.kubelet.allocate(CORE, &kept).await.unwrap();
     let gone_resp = h.kubelet.allocate(CORE, &gone).await.unwrap();
     let gone_dir = std::path::PathBuf::from(&gone_resp.mounts[0].host_path);
+    let gone_state = std::path::PathBuf::from(&gone_resp.mounts[3].host_path);
+    assert_eq!(gone_resp.mounts[3].container_path, "/run/vcuda");
     wait_until("the limiter directory is written", || gone_dir.exists()).await;
+    wait_until("the state directory is made", || gone_state.exists()).await;
     let t = Instant::now();
     while d.handle().snapshot().allocations.len() != 1 {
         assert!(
@@ -266,6 +269,7 @@ async fn ended_allocations_are_released_and_their_limiter_directories_removed() 
         "released before the grace period"
     );
     wait_until("the limiter directory is removed", || !gone_dir.exists()).await;
+    wait_until("the state directory is removed", || !gone_state.exists()).await;
     assert_eq!(summary(&d), [("kept".to_string(), vec![0], 10)]);
     // The API server says the kept pod was deleted: released at once.
     h.pods.insert(pod_info(

@@ -202,6 +202,8 @@ async fn a_real_prometheus_scrapes_the_daemon_and_answers_each_tkestack_family()
     // server on a free port.
     let root = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let mut config = DaemonConfig::under(root.path(), NODE);
+    std::fs::write(&config.limiter_library, b"\x7fELF stand-in for libvcuda.so")
+        .unwrap_or_else(|e| panic!("library: {e}"));
     let kubelet = FakeKubelet::start(&config.kubelet_dir).await;
     let podres = FakePodResources::start(&config.pod_resources_socket).await;
     let fixture = cgroup::new_node(

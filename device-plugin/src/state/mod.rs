@@ -63,7 +63,7 @@ impl RequestError {
             message,
         }
     }
-    fn precondition(message: String) -> Self {
+    pub(crate) fn precondition(message: String) -> Self {
         Self {
             code: ErrorCode::FailedPrecondition,
             message,
@@ -261,7 +261,7 @@ pub fn release_reason(
 }
 
 /// The allocation state of one node.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct State {
     cfg: StateConfig,
     inv: NodeInventory,
@@ -609,6 +609,56 @@ impl State {
             },
             quality,
         ))
+    }
+
+    /// The pod a record belongs to, when that is certain: its owner confirmed through
+    /// pod-resources, or the pod it was matched to at Allocate while no other pod waiting on
+    /// this node has an unmatched container of the same size (which the kubelet's anonymous
+    /// request could have been for). `None` otherwise, or when the pod source does not show it.
+    pub fn certain_pod(&self, rec: &Record, pods: &[Arc<PodInfo>]) -> Option<Arc<PodInfo>> {
+        let find = |p: &PodRef| {
+            pods.iter()
+                .find(|i| {
+                    i.namespace == p.namespace
+                        && i.name == p.name
+                        && (p.uid.is_empty() || i.uid.is_empty() || i.uid == p.uid)
+                })
+                .cloned()
+        };
+        if let Some(owner) = &rec.owner {
+            return find(owner);
+        }
+        let matched = rec.matched.as_ref()?;
+        let pod = find(matched)?;
+        let size = rec.cores();
+        let mut taken: HashSet<(&str, &str, &str)> = HashSet::new();
+        for r in self.records.values() {
+            for p in [r.matched.as_ref(), r.owner.as_ref()].into_iter().flatten() {
+                taken.insert((&p.namespace, &p.name, &p.container));
+            }
+        }
+        for p in &self.pending {
+            if let Some(m) = &p.matched {
+                taken.insert((&m.pod.namespace, &m.pod.name, &m.pod.container));
+            }
+        }
+        let rival = pods.iter().any(|other| {
+            !(other.namespace == pod.namespace && other.name == pod.name)
+                && other.awaits_admission()
+                && other
+                    .node_name
+                    .as_deref()
+                    .is_none_or(|n| n == self.cfg.node_name)
+                && other.containers.iter().any(|c| {
+                    c.request.cores() == size
+                        && !taken.contains(&(
+                            other.namespace.as_str(),
+                            other.name.as_str(),
+                            c.name.as_str(),
+                        ))
+                })
+        });
+        (!rival).then_some(pod)
     }
 
     fn mismatch(&self, m: &Matched, cards: &[u32]) -> Option<RequestError> {

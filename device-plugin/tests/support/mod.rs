@@ -147,6 +147,17 @@ pub fn gpu_container(name: &str, cores: u32, blocks: u32) -> serde_json::Value {
 // ---------------------------------------------------------------------------------------------
 // Harness
 
+/// A stand-in for libvcuda.so (an ELF header is all the daemon checks before installing it).
+pub const DUMMY_LIBRARY: &[u8] = b"\x7fELF stand-in for libvcuda.so (tests)";
+
+/// Write [`DUMMY_LIBRARY`] at `path`.
+pub fn write_dummy_library(path: &std::path::Path) {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(path, DUMMY_LIBRARY).unwrap();
+}
+
 /// A temp directory with a fake kubelet and pod-resources server; starts daemons on it.
 pub struct Harness {
     pub root: tempfile::TempDir,
@@ -163,6 +174,7 @@ impl Harness {
         let root = tempfile::tempdir().unwrap();
         let cfg = DaemonConfig::under(root.path(), "node-a");
         std::fs::create_dir_all(&cfg.dev_root).unwrap();
+        write_dummy_library(&cfg.limiter_library);
         let kubelet = FakeKubelet::start(&cfg.kubelet_dir).await;
         let podres = FakePodResources::start(&cfg.pod_resources_socket).await;
         Self {
