@@ -63,8 +63,8 @@ FG_EXPORT void fakegpu_reset_counts(void) {
 /* ---- process-local context state ---- */
 
 #define FG_STACK_DEPTH 16
-static __thread struct fg_ctx *t_stack[FG_STACK_DEPTH];
-static __thread int t_depth;
+static __thread struct fg_ctx *t_stack[FG_STACK_DEPTH] FG_TLS_IE;
+static __thread int t_depth FG_TLS_IE;
 static pthread_mutex_t g_ctx_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct fg_ctx g_primary[FAKEGPU_MAX_DEVICES];
 static unsigned g_live_ctx[FAKEGPU_MAX_DEVICES]; /* under g_ctx_lock */

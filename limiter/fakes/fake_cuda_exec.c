@@ -38,7 +38,7 @@
 #define RLX memory_order_relaxed
 
 static struct fg_stream g_legacy[FAKEGPU_MAX_DEVICES];
-static __thread struct fg_stream t_per_thread[FAKEGPU_MAX_DEVICES];
+static __thread struct fg_stream t_per_thread[FAKEGPU_MAX_DEVICES] FG_TLS_IE;
 static _Atomic uint64_t g_dev_tail[FAKEGPU_MAX_DEVICES];
 static pthread_mutex_t g_mod_lock = PTHREAD_MUTEX_INITIALIZER;
 

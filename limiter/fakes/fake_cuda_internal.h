@@ -150,6 +150,13 @@ enum fg_func_index {
     FGC_COUNT
 };
 
+/*
+ * The hot thread-locals (context stack, per-thread streams: about 230 bytes) use the
+ * initial-exec model, which fits glibc's surplus static TLS even when the fake is dlopen()ed,
+ * and avoids a __tls_get_addr call per launch.
+ */
+#define FG_TLS_IE __attribute__((tls_model("initial-exec")))
+
 /* Per-function call counters: one relaxed atomic increment per call. */
 FG_HIDDEN extern _Atomic uint64_t fg_counts[FGC_COUNT];
 #define FG_COUNT(name) atomic_fetch_add_explicit(&fg_counts[FGC_##name], 1, memory_order_relaxed)
