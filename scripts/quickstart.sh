@@ -12,7 +12,8 @@
 #   --once            print everything, then stop both processes and exit (for checks)
 #   --metrics-port N  port of gpu-manager's metrics server on 127.0.0.1 (default 5678; 0: any
 #                     free port)
-#   --bin-dir DIR     use gpu-manager and kubelet-sim from DIR instead of building them
+#   --bin-dir DIR     use gpu-manager, kubelet-sim and libvcuda.so from DIR instead of building
+#                     them
 # Environment: GM_QUICKSTART_METRICS_PORT, GM_QUICKSTART_BIN_DIR (same meaning as the flags),
 # CARGO_TARGET_DIR (see scripts/env.sh).
 set -euo pipefail
@@ -61,8 +62,9 @@ if [ -n "$BIN_DIR" ]; then
   section "using prebuilt binaries from $BIN_DIR"
 else
   command -v cargo >/dev/null 2>&1 || die "cargo is not installed; install Rust (https://rustup.rs) or pass --bin-dir"
-  section "build gpu-manager and kubelet-sim (cargo build --release; target dir $CARGO_TARGET_DIR)"
-  if ! cargo build --release --locked -p gm-device-plugin -p gm-testkit --bin gpu-manager --bin kubelet-sim; then
+  section "build gpu-manager, kubelet-sim and libvcuda.so (cargo build --release; target dir $CARGO_TARGET_DIR)"
+  if ! cargo build --release --locked -p gm-device-plugin -p gm-testkit --bin gpu-manager --bin kubelet-sim \
+     || ! cargo build --release --locked -p gm-limiter --lib; then
     die "the build failed (see the messages above); nothing was started"
   fi
   BIN_DIR="$CARGO_TARGET_DIR/release"
@@ -70,6 +72,9 @@ fi
 for b in gpu-manager kubelet-sim; do
   [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b does not exist or is not executable"
 done
+# gpu-manager installs the in-container limiter into --limiter-install-dir and mounts it into
+# share containers (kubelet-sim runs no containers, so here it is only installed and named).
+[ -f "$BIN_DIR/libvcuda.so" ] || die "$BIN_DIR/libvcuda.so does not exist (cargo build --release -p gm-limiter builds it)"
 
 # --- run -------------------------------------------------------------------------------------
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/gm-quickstart.XXXXXX")"
@@ -122,6 +127,8 @@ SIM_PID=$!
   --kubelet-dir "$TMP/device-plugins" \
   --pod-resources-socket "$TMP/pod-resources/kubelet.sock" \
   --checkpoint-dir "$TMP/checkpoint" --limiter-dir "$TMP/vcuda" \
+  --limiter-library "$BIN_DIR/libvcuda.so" --limiter-install-dir "$TMP/lib" \
+  --limiter-state-dir "$TMP/vcuda-state" \
   --metrics-addr "127.0.0.1:$PORT" >"$TMP/gpu-manager.log" 2>&1 &
 GM_PID=$!
 echo "kubelet-sim pid $SIM_PID, log $TMP/kubelet-sim.log"

@@ -88,7 +88,8 @@ fn gpu_manager() -> PathBuf {
         .unwrap_or_else(|| panic!("cargo built no gpu-manager executable"))
 }
 
-/// A directory with both binaries, as `--bin-dir` wants it.
+/// A directory with both binaries and a stand-in libvcuda.so (kubelet-sim runs no containers,
+/// so gpu-manager only installs it and names it in the mounts), as `--bin-dir` wants it.
 fn bin_dir(under: &Path) -> PathBuf {
     let dir = under.join("bin");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -99,6 +100,8 @@ fn bin_dir(under: &Path) -> PathBuf {
         std::os::unix::fs::symlink(&target, dir.join(name))
             .unwrap_or_else(|e| panic!("symlink {}: {e}", target.display()));
     }
+    std::fs::write(dir.join("libvcuda.so"), b"\x7fELF stand-in for libvcuda.so")
+        .unwrap_or_else(|e| panic!("libvcuda.so: {e}"));
     dir
 }
 
@@ -183,6 +186,15 @@ fn the_quick_start_admits_the_demo_pods_shows_their_families_and_cleans_up() {
         "{stdout}"
     );
     assert!(stdout.contains("limiter mount: "), "{stdout}");
+    // The share of demo/train gets the limiter; its state directory is the one read-write mount.
+    for m in [
+        "-> /etc/vcuda (read-only)",
+        "-> /usr/local/vcuda/libvcuda.so (read-only)",
+        "/ld.so.preload -> /etc/ld.so.preload (read-only)",
+        "-> /run/vcuda (read-write)",
+    ] {
+        assert!(stdout.contains(m), "no {m:?} in:\n{stdout}");
+    }
     // /usage of the daemon.
     assert!(stdout.contains("node:           gpu-node-1"), "{stdout}");
     // The four families, with the TKEStack example's request values.

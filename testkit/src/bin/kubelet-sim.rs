@@ -493,10 +493,14 @@ fn print_admission(a: &Admission, names: &ResourceNames) {
         }
         for m in c.mounts() {
             println!(
-                "    limiter mount: {} -> {}{}",
+                "    limiter mount: {} -> {} ({})",
                 m.host_path,
                 m.container_path,
-                if m.read_only { " (read-only)" } else { "" }
+                if m.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
             );
         }
         let devices: Vec<&str> = c.devices().iter().map(|d| d.host_path.as_str()).collect();
