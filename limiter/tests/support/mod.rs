@@ -146,7 +146,7 @@ pub fn fake_lib_dir() -> &'static Path {
 
 /// Compile the C program `src` into this test process's build directory as `name` (once per
 /// name and process), with `-I limiter/fakes`, `-ldl -lpthread`, and, if `link_fake_cuda`,
-/// linked against the fake (`-L dir -lcuda -Wl,-rpath,dir`).
+/// linked against the fake (`-L dir -Wl,--no-as-needed -lcuda -Wl,-rpath,dir`).
 pub fn compile_program(name: &str, src: &Path, link_fake_cuda: bool) -> PathBuf {
     static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
@@ -166,6 +166,9 @@ pub fn compile_program(name: &str, src: &Path, link_fake_cuda: bool) -> PathBuf 
         fake_cuda();
         let dir = build_dir();
         args.push(format!("-L{}", dir.display()).into());
+        // A program may reference the driver only weakly (to tell whether it was linked);
+        // it must still get DT_NEEDED libcuda.so.1 where the toolchain defaults to as-needed.
+        args.push("-Wl,--no-as-needed".into());
         args.push("-lcuda".into());
         args.push(format!("-Wl,-rpath,{}", dir.display()).into());
     }
@@ -286,7 +289,7 @@ impl StateMap {
 
     fn atomic(&self, off: usize) -> &AtomicU64 {
         assert!(
-            off % 8 == 0 && off + 8 <= self.len,
+            off.is_multiple_of(8) && off + 8 <= self.len,
             "offset {off} outside the state"
         );
         // SAFETY: in bounds and 8-byte aligned (mmap is page aligned, offsets are multiples of
