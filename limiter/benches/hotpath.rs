@@ -23,25 +23,48 @@ use probe::{Probe, MIB};
 
 fn per_op(p: &Probe, preload: bool, cmd: &str, key: &str, iters: u64) -> Duration {
     let n = iters.max(1).to_string();
-    let out = if preload { p.run(&[cmd, &n]) } else { p.run_bare(&[cmd, &n]) };
-    let ns: f64 = out.get(key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{out:?}"));
+    let out = if preload {
+        p.run(&[cmd, &n])
+    } else {
+        p.run_bare(&[cmd, &n])
+    };
+    let ns: f64 = out
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{out:?}"));
     Duration::from_nanos((ns * iters.max(1) as f64) as u64)
 }
 
 fn hotpath(c: &mut Criterion) {
-    let share30 = Probe::new().cap(64 * 1024 * MIB).physical(128 * 1024 * MIB).share(30);
-    let share100 = Probe::new().cap(64 * 1024 * MIB).physical(128 * 1024 * MIB).share(100);
+    let share30 = Probe::new()
+        .cap(64 * 1024 * MIB)
+        .physical(128 * 1024 * MIB)
+        .share(30);
+    let share100 = Probe::new()
+        .cap(64 * 1024 * MIB)
+        .physical(128 * 1024 * MIB)
+        .share(100);
     let inert = Probe::new().no_config();
     let mut g = c.benchmark_group("launch");
     g.sample_size(20);
-    g.bench_function("bare", |b| b.iter_custom(|n| per_op(&share30, false, "launches", "ns_per_launch", n)));
-    g.bench_function("inert", |b| b.iter_custom(|n| per_op(&inert, true, "launches", "ns_per_launch", n)));
-    g.bench_function("share100", |b| b.iter_custom(|n| per_op(&share100, true, "launches", "ns_per_launch", n)));
+    g.bench_function("bare", |b| {
+        b.iter_custom(|n| per_op(&share30, false, "launches", "ns_per_launch", n))
+    });
+    g.bench_function("inert", |b| {
+        b.iter_custom(|n| per_op(&inert, true, "launches", "ns_per_launch", n))
+    });
+    g.bench_function("share100", |b| {
+        b.iter_custom(|n| per_op(&share100, true, "launches", "ns_per_launch", n))
+    });
     g.finish();
     let mut g = c.benchmark_group("alloc");
     g.sample_size(20);
-    g.bench_function("bare", |b| b.iter_custom(|n| per_op(&share30, false, "allocs", "ns_per_pair", n)));
-    g.bench_function("share30", |b| b.iter_custom(|n| per_op(&share30, true, "allocs", "ns_per_pair", n)));
+    g.bench_function("bare", |b| {
+        b.iter_custom(|n| per_op(&share30, false, "allocs", "ns_per_pair", n))
+    });
+    g.bench_function("share30", |b| {
+        b.iter_custom(|n| per_op(&share30, true, "allocs", "ns_per_pair", n))
+    });
     g.finish();
 }
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use gm_limiter_core::controller::{self, CostEstimate, LaunchShape, DEFAULT_BURST_NS};
+use gm_limiter_core::controller::{self, CostEstimate, LaunchShape};
 use gm_limiter_core::region::card;
 
 use crate::ffi::*;
@@ -37,7 +37,9 @@ pub struct Timing {
 // SAFETY: CUDA event handles may be used from any thread of the process that created them.
 unsafe impl Send for Timing {}
 
-static COSTS: SpinLock<Option<HashMap<(usize, u64), (CostEstimate, u64)>>> = SpinLock::new(None);
+/// Per (function or graph, grid size): the estimate and how many launches it has seen.
+type CostTable = HashMap<(usize, u64), (CostEstimate, u64)>;
+static COSTS: SpinLock<Option<CostTable>> = SpinLock::new(None);
 static PENDING: SpinLock<Vec<Timing>> = SpinLock::new(Vec::new());
 static PENDING_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static EVENTS: SpinLock<Vec<usize>> = SpinLock::new(Vec::new());
@@ -190,7 +192,7 @@ pub fn plan(func: usize, grid_blocks: u64, block_threads: u32, stream: CUstream)
     if let Some(bucket) = shm::bucket(*ti) {
         let mut cur = bucket.load(Ordering::Acquire);
         loop {
-            let a = controller::admit(cur, now, cost, rate, DEFAULT_BURST_NS);
+            let a = controller::admit(cur, now, cost, rate, controller::burst_for(cost));
             if a.new_state == cur {
                 break;
             }

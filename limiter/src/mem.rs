@@ -21,7 +21,9 @@ pub enum Kind {
     Handle,
 }
 
-static LIVE: SpinLock<Option<HashMap<(Kind, u64), (usize, u64)>>> = SpinLock::new(None);
+/// Live allocations: handle → (card, bytes charged).
+type Live = HashMap<(Kind, u64), (usize, u64)>;
+static LIVE: SpinLock<Option<Live>> = SpinLock::new(None);
 
 /// What a hook should do with an allocation request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

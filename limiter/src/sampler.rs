@@ -13,7 +13,7 @@ use std::ffi::CString;
 use std::sync::atomic::Ordering;
 
 use gm_limiter_core::config::Mode;
-use gm_limiter_core::controller::{Feedback, FeedbackInput, SoftConfig, SoftTarget};
+use gm_limiter_core::controller::{self, Feedback, FeedbackInput, SoftConfig, SoftTarget};
 use gm_limiter_core::region::card;
 
 use crate::ffi::*;
@@ -139,14 +139,25 @@ fn run() {
             } else {
                 soft.target_pct()
             };
-            let throttled = shm::card_u64(ti, card::LAST_THROTTLED)
+            let job_ns =
+                shm::card_u64(ti, card::MAX_COST).map_or(0, |w| w.swap(0, Ordering::Relaxed));
+            let waited = shm::card_u64(ti, card::LAST_THROTTLED)
                 .is_some_and(|w| start.saturating_sub(w.load(Ordering::Relaxed)) < TICK_NS);
+            let rate = controller::effective_rate_ppm(target, feedback.multiplier_ppm());
+            let binding = shm::bucket(ti).is_some_and(|b| {
+                controller::would_wait(
+                    b.load(Ordering::Acquire),
+                    now_ns(),
+                    rate,
+                    controller::burst_for(job_ns),
+                )
+            });
             let m = feedback.step(FeedbackInput {
                 target_pct: target,
                 own_pct,
                 sample_id: newest,
-                throttled,
-                job_ns: shm::card_u64(ti, card::MAX_COST).map_or(0, |w| w.swap(0, Ordering::Relaxed)),
+                throttled: waited || binding,
+                job_ns,
             });
             publish(ti, m, target, own, total, known);
         }

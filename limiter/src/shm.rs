@@ -204,7 +204,9 @@ pub fn my_slot() -> Option<usize> {
 
 /// Slots that were ever used (scans stop there).
 fn slots_in_use() -> usize {
-    word32(layout::header::SLOTS_HIGH).map_or(layout::MAX_SLOTS, |w| (w.load(Ordering::Acquire) as usize).min(layout::MAX_SLOTS))
+    word32(layout::header::SLOTS_HIGH).map_or(layout::MAX_SLOTS, |w| {
+        (w.load(Ordering::Acquire) as usize).min(layout::MAX_SLOTS)
+    })
 }
 
 /// Release the charges and slots of processes that no longer exist.

@@ -5,7 +5,7 @@
 /// more than its width.
 pub fn format_bytes(format: u32) -> u64 {
     match format {
-        0x01 | 0x08 => 1, // UNSIGNED_INT8, SIGNED_INT8
+        0x01 | 0x08 => 1,        // UNSIGNED_INT8, SIGNED_INT8
         0x02 | 0x09 | 0x10 => 2, // UNSIGNED_INT16, SIGNED_INT16, HALF
         0x03 | 0x0a | 0x20 => 4, // UNSIGNED_INT32, SIGNED_INT32, FLOAT
         _ => 4,
@@ -62,7 +62,11 @@ mod tests {
     fn arrays_are_charged_in_bytes_not_bits() {
         // 1024 × 1024 float4: 16 MiB, not 128 MiB (the bits-for-bytes over-charge).
         assert_eq!(array_bytes(1024, 1024, 0, 4, 0x20), 16 << 20);
-        assert_eq!(array_bytes(1000, 0, 0, 1, 0x01), 1000, "a 1-D array is not free");
+        assert_eq!(
+            array_bytes(1000, 0, 0, 1, 0x01),
+            1000,
+            "a 1-D array is not free"
+        );
     }
 
     #[test]

@@ -65,7 +65,15 @@ mod tests {
         for yes in ["cuInit", "cuMemAlloc_v2", "nvmlInit_v2", "cuGetProcAddress"] {
             assert!(is_driver_or_nvml_name(yes.as_bytes()), "{yes}");
         }
-        for no in ["cudaMalloc", "cublasCreate_v2", "curl_easy_init", "nvmlx", "malloc", "cu", ""] {
+        for no in [
+            "cudaMalloc",
+            "cublasCreate_v2",
+            "curl_easy_init",
+            "nvmlx",
+            "malloc",
+            "cu",
+            "",
+        ] {
             assert!(!is_driver_or_nvml_name(no.as_bytes()), "{no}");
         }
     }
@@ -78,7 +86,10 @@ mod tests {
         assert_eq!(base_name("cuCtxCreate_v4"), "cuCtxCreate");
         assert_eq!(base_name("cuMemcpy2D_v2_ptds"), "cuMemcpy2D");
         assert_eq!(base_name("cuLaunchKernelEx"), "cuLaunchKernelEx");
-        assert_eq!(base_name("cuGraphInstantiateWithFlags"), "cuGraphInstantiateWithFlags");
+        assert_eq!(
+            base_name("cuGraphInstantiateWithFlags"),
+            "cuGraphInstantiateWithFlags"
+        );
         assert_eq!(base_name("cu_v"), "cu_v");
     }
 
@@ -88,7 +99,10 @@ mod tests {
         assert!(same_family("cuLaunchKernel", "cuLaunchKernel_ptsz"));
         assert!(!same_family("cuMemAlloc", "cuMemAllocAsync"));
         assert!(!same_family("cuLaunchKernel", "cuLaunchKernelEx"));
-        assert!(!same_family("cuMemAlloc_v2", "cuMemAlloc"), "an exact request pins the version");
+        assert!(
+            !same_family("cuMemAlloc_v2", "cuMemAlloc"),
+            "an exact request pins the version"
+        );
         assert!(same_family("cuMemAlloc_v2", "cuMemAlloc_v2"));
     }
 

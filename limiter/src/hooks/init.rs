@@ -31,7 +31,13 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut
     }
     state::ensure();
     // SAFETY: forwards unchanged.
-    let found = unsafe { real_dlsym(handle, name) };
+    let mut found = unsafe { real_dlsym(handle, name) };
+    if found.is_null() && handle == libc::RTLD_NEXT {
+        // RTLD_NEXT resolved from here searches our own dependencies, not the caller's scope:
+        // look in the global scope, where the caller's RTLD_NEXT would have found the driver.
+        // SAFETY: the real dlsym with the RTLD_DEFAULT pseudo-handle.
+        found = unsafe { real_dlsym(libc::RTLD_DEFAULT, name) };
+    }
     if found.is_null() {
         return found;
     }

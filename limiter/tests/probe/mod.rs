@@ -22,13 +22,24 @@ pub fn probe_bin() -> &'static Path {
     })
 }
 
+/// The probe linked directly against the fake `libcuda.so.1` (`-lcuda`).
+pub fn linked_probe_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/progs/probe.c");
+        support::compile_program("probe-linked", &src, true)
+    })
+}
+
 /// The UUID the fake gives device 0 (read through the fake without the limiter).
 pub fn fake_uuid() -> &'static str {
     static U: OnceLock<String> = OnceLock::new();
     U.get_or_init(|| {
         let p = Probe::new();
         let out = p.run_bare(&["uuid"]);
-        out.get("uuid").expect("the fake reports a UUID").to_string()
+        out.get("uuid")
+            .expect("the fake reports a UUID")
+            .to_string()
     })
 }
 
@@ -42,6 +53,7 @@ pub struct Probe {
     physical: u64,
     config: Option<Vec<u8>>,
     write_config: bool,
+    linked: bool,
     extra_env: Vec<(String, String)>,
 }
 
@@ -55,13 +67,22 @@ pub struct Output {
 
 impl Output {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.lines.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.lines
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
     pub fn all(&self, key: &str) -> Vec<&str> {
-        self.lines.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
+        self.lines
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
     pub fn num(&self, key: &str) -> u64 {
-        self.get(key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no number {key} in {self:?}"))
+        self.get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no number {key} in {self:?}"))
     }
 }
 
@@ -75,7 +96,11 @@ fn parse(stdout: &[u8], stderr: &[u8], status: Option<i32>) -> Output {
             Some((k.to_string(), v.to_string()))
         })
         .collect();
-    Output { lines, stderr: String::from_utf8_lossy(stderr).into_owned(), status }
+    Output {
+        lines,
+        stderr: String::from_utf8_lossy(stderr).into_owned(),
+        status,
+    }
 }
 
 impl Default for Probe {
@@ -94,6 +119,7 @@ impl Probe {
             physical: 8192 * MIB,
             config: None,
             write_config: true,
+            linked: false,
             extra_env: Vec::new(),
         }
     }
@@ -111,6 +137,11 @@ impl Probe {
     }
     pub fn physical(mut self, bytes: u64) -> Self {
         self.physical = bytes;
+        self
+    }
+    /// Use the probe linked against the driver instead of the dlopen one.
+    pub fn linked(mut self) -> Self {
+        self.linked = true;
         self
     }
     pub fn no_config(mut self) -> Self {
@@ -136,7 +167,11 @@ impl Probe {
     pub fn config_bytes(&self) -> Vec<u8> {
         let uuid = fake_uuid().to_string();
         Config {
-            mode: if self.core_limit.is_some() { Mode::Soft } else { Mode::Hard },
+            mode: if self.core_limit.is_some() {
+                Mode::Soft
+            } else {
+                Mode::Hard
+            },
             incomplete: false,
             pod_uid: "5b7c1d2e-0000-4000-8000-000000000001".into(),
             namespace: "ml".into(),
@@ -155,9 +190,16 @@ impl Probe {
     }
 
     fn command(&self, preload: bool, args: &[&str]) -> Command {
-        let mut c = Command::new(probe_bin());
+        let mut c = Command::new(if self.linked {
+            linked_probe_bin()
+        } else {
+            probe_bin()
+        });
         c.args(args);
-        let fakes = support::fake_cuda().parent().expect("fake dir").to_path_buf();
+        let fakes = support::fake_cuda()
+            .parent()
+            .expect("fake dir")
+            .to_path_buf();
         c.env("LD_LIBRARY_PATH", &fakes)
             .env("FAKEGPU_STATE", self.state_file())
             .env("FAKEGPU_MEM_BYTES", self.physical.to_string())
@@ -180,7 +222,9 @@ impl Probe {
                 c.env("VCUDA_CFG", path);
             }
         }
-        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         c
     }
 

@@ -18,6 +18,7 @@
  *   probe fork BYTES                    allocate, fork; the child allocates BYTES too
  *   probe busy KERNEL_US SECONDS DEPTH [ptsz|graph|large]
  *                                       launch `busy` kernels for SECONDS, DEPTH in flight
+ *   probe direct BYTES                  call cuMemAlloc_v2 by its linked symbol (needs -lcuda)
  *   probe launches N                    N `noop` launches; print ns per launch
  *   probe allocs N                      N cuMemAlloc_v2 + cuMemFree_v2 of 1 MiB; ns per pair
  */
@@ -41,6 +42,8 @@ typedef struct { int type, handleTypes; struct { int type, id; } loc; void *win;
 typedef struct { unsigned long long total, free, used; } NvMem;
 
 static void *cu, *nv;
+/* Resolved only when the probe is linked against libcuda (-lcuda): the direct-link case. */
+extern CUresult cuMemAlloc_v2(CUdeviceptr *, size_t) __attribute__((weak));
 #define SYM(name) ((void *)dlsym(cu, #name))
 #define CALL(T, name, ...) (((T)SYM(name))(__VA_ARGS__))
 
@@ -272,6 +275,12 @@ int main(int argc, char **argv) {
     init_ctx();
     if (!strcmp(cmd, "getproc") && argc == 5) getproc(argv[2], atoi(argv[3]), strtoull(argv[4], 0, 10));
     else if (!strcmp(cmd, "meminfo")) meminfo();
+    else if (!strcmp(cmd, "direct") && argc == 3) {
+        CUdeviceptr d = 0;
+        if (!cuMemAlloc_v2) { printf("error not linked against libcuda\n"); return 2; }
+        printf("direct_object %s\n", where((void *)cuMemAlloc_v2));
+        printf("direct %d\n", cuMemAlloc_v2(&d, strtoull(argv[2], 0, 10)));
+    }
     else if (!strcmp(cmd, "fill") && argc == 4) fill(argv[2], strtoull(argv[3], 0, 10), 0);
     else if (!strcmp(cmd, "race") && argc == 3) fill("cuMemAlloc_v2", strtoull(argv[2], 0, 10), 1);
     else if (!strcmp(cmd, "hold") && argc == 4) {
