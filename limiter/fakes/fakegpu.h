@@ -22,8 +22,8 @@
  * Layout (all little-endian u64 unless noted; offsets pinned by _Static_assert below and by
  * the Rust reader in limiter/tests/support/mod.rs):
  *   fakegpu_state   header, then devices[4], procs[256], ring_write, ring[65536]
- *   device d        UUID bytes: 0x46,0x41,0x4b,0x45 ("FAKE"), then 0x00..0x0b xored with d
- *                   as described in fakegpu_uuid(); name "Fake H200".
+ *   device d        UUID bytes 46 41 4b 45 d0 0d 40 00 80 00 00 00 00 00 00 (0x10 + d), i.e.
+ *                   NVML "GPU-46414b45-d00d-4000-8000-0000000000{10+d}"; name "Fake H200".
  *   procs[i]        pid 0 = free, FAKEGPU_PID_RECLAIMING = being reclaimed; used[d] bytes and
  *                   contexts[d] live contexts of that pid on device d. A pid is live while
  *                   kill(pid, 0) does not fail with ESRCH; dead slots are reclaimed (their bytes
