@@ -54,6 +54,7 @@ pub struct Probe {
     config: Option<Vec<u8>>,
     write_config: bool,
     linked: bool,
+    fake_state: Option<PathBuf>,
     extra_env: Vec<(String, String)>,
 }
 
@@ -120,6 +121,7 @@ impl Probe {
             config: None,
             write_config: true,
             linked: false,
+            fake_state: None,
             extra_env: Vec::new(),
         }
     }
@@ -137,6 +139,11 @@ impl Probe {
     }
     pub fn physical(mut self, bytes: u64) -> Self {
         self.physical = bytes;
+        self
+    }
+    /// Share the fake device of another setup (several containers on one card).
+    pub fn fake_state(mut self, path: &Path) -> Self {
+        self.fake_state = Some(path.to_path_buf());
         self
     }
     /// Use the probe linked against the driver instead of the dlopen one.
@@ -160,7 +167,7 @@ impl Probe {
         self.dir.path().join("vcuda.cfg").display().to_string()
     }
     pub fn state_file(&self) -> PathBuf {
-        self.dir.path().join("fakegpu.state")
+        self.fake_state.clone().unwrap_or_else(|| self.dir.path().join("fakegpu.state"))
     }
 
     /// The encoded config this probe would write.

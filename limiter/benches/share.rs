@@ -1,0 +1,57 @@
+//! Compute share in real time against the fake device: several containers (each its own
+//! config and state dir, like pods) run `busy` kernels on one simulated card, and the fake's
+//! ring of kernel executions gives each process's measured busy share.
+//!
+//! `cargo bench -p gm-limiter --bench share` runs 12 s per case (the first 3 s are settling);
+//! under `cargo test --all-targets` it runs each case for 1.5 s and only checks that every
+//! tenant ran. Prints one line per tenant: target, measured share, error.
+
+#[path = "../tests/probe/mod.rs"]
+mod probe;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use probe::Probe;
+use support::{monotonic_ns, FakeGpu};
+
+fn case(name: &str, shares: &[u32], kernel_us: u64, seconds: f64, settle: f64) -> Vec<(u32, f64)> {
+    let gpu = FakeGpu::new();
+    let tenants: Vec<Probe> = shares.iter().map(|&s| Probe::new().share(s).fake_state(gpu.state_path())).collect();
+    let t0 = monotonic_ns();
+    let secs = seconds.to_string();
+    let kus = kernel_us.to_string();
+    let children: Vec<_> = tenants.iter().map(|t| t.spawn(&["busy", &kus, &secs, "4"])).collect();
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    for c in children {
+        let out = Probe::wait(c);
+        assert!(out.get("launched").is_some(), "{name}: a tenant did not run: {out:?}");
+    }
+    let from = t0 + (settle * 1e9) as u64;
+    let to = t0 + (seconds * 1e9) as u64;
+    let busy = gpu.busy_ns_by_pid(from, to);
+    let span = (to - from) as f64;
+    let mut result = Vec::new();
+    for (&share, pid) in shares.iter().zip(pids) {
+        let got = 100.0 * busy.get(&pid).copied().unwrap_or(0) as f64 / span;
+        println!("{name}: target {share:>2} %  measured {got:5.1} %  error {:+5.1}", got - f64::from(share));
+        result.push((share, got));
+    }
+    result
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let (seconds, settle) = if bench { (12.0, 3.0) } else { (1.5, 0.5) };
+    let mut worst: f64 = 0.0;
+    for (name, shares, kernel_us) in [
+        ("alone 30 %, 2 ms kernels", vec![30], 2_000),
+        ("two tenants 30/70, 2 ms kernels", vec![30, 70], 2_000),
+        ("three tenants 20/30/50, 2 ms kernels", vec![20, 30, 50], 2_000),
+        ("two tenants 30/70, 200 us kernels", vec![30, 70], 200),
+    ] {
+        for (share, got) in case(name, &shares, kernel_us, seconds, settle) {
+            worst = worst.max((got - f64::from(share)).abs());
+        }
+    }
+    println!("worst error {worst:.1} points");
+}
