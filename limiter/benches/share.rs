@@ -16,15 +16,24 @@ use support::{monotonic_ns, FakeGpu};
 
 fn case(name: &str, shares: &[u32], kernel_us: u64, seconds: f64, settle: f64) -> Vec<(u32, f64)> {
     let gpu = FakeGpu::new();
-    let tenants: Vec<Probe> = shares.iter().map(|&s| Probe::new().share(s).fake_state(gpu.state_path())).collect();
+    let tenants: Vec<Probe> = shares
+        .iter()
+        .map(|&s| Probe::new().share(s).fake_state(gpu.state_path()))
+        .collect();
     let t0 = monotonic_ns();
     let secs = seconds.to_string();
     let kus = kernel_us.to_string();
-    let children: Vec<_> = tenants.iter().map(|t| t.spawn(&["busy", &kus, &secs, "4"])).collect();
+    let children: Vec<_> = tenants
+        .iter()
+        .map(|t| t.spawn(&["busy", &kus, &secs, "4"]))
+        .collect();
     let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
     for c in children {
         let out = Probe::wait(c);
-        assert!(out.get("launched").is_some(), "{name}: a tenant did not run: {out:?}");
+        assert!(
+            out.get("launched").is_some(),
+            "{name}: a tenant did not run: {out:?}"
+        );
     }
     let from = t0 + (settle * 1e9) as u64;
     let to = t0 + (seconds * 1e9) as u64;
@@ -33,7 +42,10 @@ fn case(name: &str, shares: &[u32], kernel_us: u64, seconds: f64, settle: f64) -
     let mut result = Vec::new();
     for (&share, pid) in shares.iter().zip(pids) {
         let got = 100.0 * busy.get(&pid).copied().unwrap_or(0) as f64 / span;
-        println!("{name}: target {share:>2} %  measured {got:5.1} %  error {:+5.1}", got - f64::from(share));
+        println!(
+            "{name}: target {share:>2} %  measured {got:5.1} %  error {:+5.1}",
+            got - f64::from(share)
+        );
         result.push((share, got));
     }
     result
@@ -46,7 +58,11 @@ fn main() {
     for (name, shares, kernel_us) in [
         ("alone 30 %, 2 ms kernels", vec![30], 2_000),
         ("two tenants 30/70, 2 ms kernels", vec![30, 70], 2_000),
-        ("three tenants 20/30/50, 2 ms kernels", vec![20, 30, 50], 2_000),
+        (
+            "three tenants 20/30/50, 2 ms kernels",
+            vec![20, 30, 50],
+            2_000,
+        ),
         ("two tenants 30/70, 200 us kernels", vec![30, 70], 200),
     ] {
         for (share, got) in case(name, &shares, kernel_us, seconds, settle) {

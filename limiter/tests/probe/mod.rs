@@ -167,7 +167,9 @@ impl Probe {
         self.dir.path().join("vcuda.cfg").display().to_string()
     }
     pub fn state_file(&self) -> PathBuf {
-        self.fake_state.clone().unwrap_or_else(|| self.dir.path().join("fakegpu.state"))
+        self.fake_state
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("fakegpu.state"))
     }
 
     /// The encoded config this probe would write.
