@@ -108,6 +108,10 @@ func (s *GPUStack) StartGPUNode(ctx context.Context, name, nodeFile string, extr
 			return nil, err
 		}
 	}
+	library, err := limiterLibrary(g.ManagerDir)
+	if err != nil {
+		return nil, err
+	}
 	g.args = append([]string{
 		"--backend=simulated",
 		"--node-file=" + nodeFile,
@@ -116,6 +120,11 @@ func (s *GPUStack) StartGPUNode(ctx context.Context, name, nodeFile string, extr
 		"--pod-resources-socket=" + node.PodResourcesSocket,
 		"--checkpoint-dir=" + filepath.Dir(g.CheckpointPath),
 		"--limiter-dir=" + filepath.Join(g.ManagerDir, "vcuda"),
+		// The in-container limiter gpu-manager installs and mounts into share
+		// containers (no container runs here, so a stand-in does).
+		"--limiter-library=" + library,
+		"--limiter-install-dir=" + filepath.Join(g.ManagerDir, "lib"),
+		"--limiter-state-dir=" + filepath.Join(g.ManagerDir, "vcuda-state"),
 		// No /dev/nvidia*, /proc or cgroups of GPU containers here: empty
 		// directories keep the daemon away from the host's.
 		"--dev-root=" + filepath.Join(g.ManagerDir, "dev"),
@@ -131,6 +140,25 @@ func (s *GPUStack) StartGPUNode(ctx context.Context, name, nodeFile string, extr
 		return nil, err
 	}
 	return g, nil
+}
+
+// limiterLibrary is the libvcuda.so gpu-manager gets: $E2E_LIMITER_LIBRARY
+// when set (e.g. a real build, $CARGO_TARGET_DIR/debug/libvcuda.so), else a
+// stand-in written into dir. The stand-in only needs the ELF magic that
+// gpu-manager checks: the node agent's runtime starts no processes, so
+// nothing ever loads it.
+func limiterLibrary(dir string) (string, error) {
+	if p := os.Getenv("E2E_LIMITER_LIBRARY"); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("E2E_LIMITER_LIBRARY: %w", err)
+		}
+		return p, nil
+	}
+	p := filepath.Join(dir, "libvcuda-standin.so")
+	if err := os.WriteFile(p, []byte("\x7fELF stand-in for libvcuda.so (e2e)\n"), 0o644); err != nil {
+		return "", err
+	}
+	return p, nil
 }
 
 // StartManager (re)starts gpu-manager with the same directories and waits
