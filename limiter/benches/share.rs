@@ -18,7 +18,7 @@ fn case(name: &str, shares: &[u32], kernel_us: u64, seconds: f64, settle: f64) -
     let gpu = FakeGpu::new();
     let tenants: Vec<Probe> = shares
         .iter()
-        .map(|&s| Probe::new().share(s).fake_state(gpu.state_path()))
+        .map(|&s| Probe::new().share(s).fake_state(gpu.state_path()).prepare())
         .collect();
     let t0 = monotonic_ns();
     let secs = seconds.to_string();

@@ -4,10 +4,11 @@
 //! utilisation, sums the container's processes (`own`) and everyone's (`total`), and publishes
 //! the soft-mode target and the rate multiplier that every launch of the container applies.
 //!
-//! The container's processes are matched by the pid NVML reports. A process whose own pid
-//! appears in NVML's process list (the container shares the host's pid namespace, or the
-//! runtime maps it) records it in its slot; where no process can be matched, `own` is unknown
-//! and the bucket runs open loop on the event-measured kernel costs.
+//! The container's processes are matched by the pid NVML reports, which is the host's pid:
+//! gpu-manager publishes the container's host pids in `<state dir>/hostpids` (it sees the
+//! host's `/proc` and cgroups), and a process whose own pid appears in NVML's list (the
+//! container shares the host's pid namespace) records it in its slot. Where no process can be
+//! matched, `own` is unknown and the bucket runs open loop on the event-measured kernel costs.
 
 use std::ffi::CString;
 use std::sync::atomic::Ordering;
@@ -91,6 +92,12 @@ fn run() {
     let mut samples = vec![nvmlProcessUtilizationSample_t::default(); 512];
     let mut pids = Vec::new();
     let mut last_seen = 0u64;
+    let mut hostpids_path = active.state_dir.as_bytes().to_vec();
+    hostpids_path.push(b'/');
+    hostpids_path.extend_from_slice(gm_limiter_core::hostpids::HOSTPIDS_FILE.as_bytes());
+    let hostpids_path = std::path::PathBuf::from(std::ffi::OsString::from(
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&hostpids_path),
+    ));
     let me = mypid();
     let mut tick = 0u64;
     loop {
@@ -106,6 +113,7 @@ fn run() {
             let (mut own, mut total, mut newest) = (0u64, 0u64, None::<u64>);
             if r == NVML_SUCCESS {
                 shm::host_pids(&mut pids);
+                pids.extend(published_host_pids(&hostpids_path));
                 // The newest sample per pid.
                 let got = samples.get(..count as usize).unwrap_or(&[]);
                 let mut latest: Vec<(u32, u64, u32)> = Vec::new();
@@ -182,6 +190,17 @@ fn publish(ti: usize, m: u32, target: f64, own: u64, total: u64, known: bool) {
     }
     if let Some(w) = shm::card_u32(ti, card::TOTAL_UTIL) {
         w.store((total * 10) as u32, Ordering::Relaxed);
+    }
+}
+
+/// The host pids gpu-manager published for this container (none if absent or unreadable).
+fn published_host_pids(path: &std::path::Path) -> Vec<u32> {
+    match std::fs::read(path) {
+        Ok(bytes) => gm_limiter_core::hostpids::decode(&bytes).unwrap_or_else(|e| {
+            debug!("ignoring {}: {e}", path.display());
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
     }
 }
 

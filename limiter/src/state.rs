@@ -46,6 +46,8 @@ pub struct Active {
     /// The one card whose launches are throttled (a share is always exactly one card), with
     /// its position in `config.cards`.
     pub throttled: Option<(usize, CardLimit)>,
+    /// The container's state dir (region, and the host pids gpu-manager publishes).
+    pub state_dir: CString,
 }
 
 static ACTIVE_CFG: OnceLock<Active> = OnceLock::new();
@@ -163,7 +165,11 @@ fn init() -> u8 {
             "hard"
         }
     );
-    let _ = ACTIVE_CFG.set(Active { config, throttled });
+    let _ = ACTIVE_CFG.set(Active {
+        config,
+        throttled,
+        state_dir,
+    });
     ACTIVE
 }
 

@@ -6,6 +6,7 @@
 //! * [`region`]: the layout of the per-container shared region (buckets, process slots).
 //! * [`controller`]: the compute-share controller (token bucket in GPU time + NVML feedback).
 //! * [`cost`]: bytes charged for arrays and pitched allocations.
+//! * [`hostpids`]: the host pids of a container's GPU processes, published by gpu-manager.
 //! * [`symbols`]: exact driver symbol names and their families, for `cuGetProcAddress` routing.
 
 #![forbid(unsafe_code)]
@@ -13,5 +14,6 @@
 pub mod config;
 pub mod controller;
 pub mod cost;
+pub mod hostpids;
 pub mod region;
 pub mod symbols;

@@ -237,6 +237,15 @@ impl Probe {
         c
     }
 
+    /// Compile the probe, learn the fake's UUID and write the config now, so a timed run that
+    /// follows starts at once.
+    pub fn prepare(self) -> Self {
+        let _ = probe_bin();
+        let _ = fake_uuid();
+        let _ = self.command(true, &["idle"]);
+        self
+    }
+
     /// Run with the limiter preloaded.
     pub fn run(&self, args: &[&str]) -> Output {
         let out = self.command(true, args).output().expect("run probe");
