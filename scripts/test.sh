@@ -28,6 +28,20 @@ else
 fi
 # --- END tools: Prometheus ---------------------------------------------------------------------
 
+# --- BEGIN tools: C compiler and binutils (limiter tests) ------------------------------------
+# The limiter's tests compile the fake libcuda.so.1 / libnvidia-ml.so.1 and the C probe with
+# `cc`, and check libvcuda.so's exports with `nm` and `readelf`.
+section "tools: cc, nm, readelf"
+if command -v cc >/dev/null 2>&1 && command -v nm >/dev/null 2>&1 && command -v readelf >/dev/null 2>&1; then
+  echo "cc, nm and readelf already installed"
+else
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev binutils
+fi
+# --- END tools: C compiler and binutils ---------------------------------------------------------
+
 section "cargo test --workspace"
 cargo test --workspace --all-targets --locked
 cargo test --workspace --doc --locked
