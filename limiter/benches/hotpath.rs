@@ -6,7 +6,9 @@
 //! * `launch/bare`: `cuLaunchKernel` of the fake's `noop` kernel, no limiter;
 //! * `launch/inert`: the limiter loaded without a config (pass-through);
 //! * `launch/share100`: a whole-card config (never throttled);
-//! * (a throttled share is not measured here: its launches sleep by design);
+//! * `paced/bare`, `paced/share30`: one launch every 5 µs, timing only the launch call, so a
+//!   30 % share's bucket (1 µs minimum cost → 3.3 µs of bucket per launch) never has to wait:
+//!   the cost of the full throttling path (clock, cost lookup, CAS) when tokens are plentiful;
 //! * `alloc/bare`, `alloc/share30`: `cuMemAlloc_v2` + `cuMemFree_v2` of 1 MiB.
 //!
 //! Under `cargo test --all-targets` criterion runs each case once.
@@ -56,6 +58,17 @@ fn hotpath(c: &mut Criterion) {
     g.bench_function("share100", |b| {
         b.iter_custom(|n| per_op(&share100, true, "launches", "ns_per_launch", n))
     });
+    g.finish();
+    let mut g = c.benchmark_group("paced");
+    g.sample_size(10);
+    let paced = |p: &Probe, preload: bool, n: u64| {
+        let iters = n.max(1).to_string();
+        let out = if preload { p.run(&["paced", &iters, "5000"]) } else { p.run_bare(&["paced", &iters, "5000"]) };
+        let ns: f64 = out.get("ns_per_launch").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{out:?}"));
+        Duration::from_nanos((ns * n.max(1) as f64) as u64)
+    };
+    g.bench_function("bare", |b| b.iter_custom(|n| paced(&share30, false, n)));
+    g.bench_function("share30", |b| b.iter_custom(|n| paced(&share30, true, n)));
     g.finish();
     let mut g = c.benchmark_group("alloc");
     g.sample_size(20);

@@ -4,6 +4,7 @@
 //! to keep the per-kernel estimates honest. Nothing here holds a lock across a driver call.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use gm_limiter_core::controller::{self, CostEstimate, LaunchShape};
@@ -37,8 +38,31 @@ pub struct Timing {
 // SAFETY: CUDA event handles may be used from any thread of the process that created them.
 unsafe impl Send for Timing {}
 
-/// Per (function or graph, grid size): the estimate and how many launches it has seen.
-type CostTable = HashMap<(usize, u64), (CostEstimate, u64)>;
+/// Per (function or graph, grid size): the estimate and how many launches it has seen. Keyed
+/// by pointers and sizes the process itself made, so a cheap multiplicative hash will do
+/// (SipHash's flood resistance costs ~20 ns a launch here for nothing).
+type CostTable = HashMap<(usize, u64), (CostEstimate, u64), BuildHasherDefault<KeyHasher>>;
+
+/// A multiply-rotate hasher for the cost table's integer keys.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(26) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+}
 static COSTS: SpinLock<Option<CostTable>> = SpinLock::new(None);
 static PENDING: SpinLock<Vec<Timing>> = SpinLock::new(Vec::new());
 static PENDING_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -159,7 +183,7 @@ pub fn plan(func: usize, grid_blocks: u64, block_threads: u32, stream: CUstream)
     let key = (func, grid_blocks);
     let (cost, samples, count) = {
         let mut costs = COSTS.lock();
-        let map = costs.get_or_insert_with(HashMap::new);
+        let map = costs.get_or_insert_with(HashMap::default);
         let entry = map.entry(key).or_insert_with(|| {
             let (sms, tps) = device_shape();
             (

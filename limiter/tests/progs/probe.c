@@ -20,6 +20,8 @@
  *                                       launch `busy` kernels for SECONDS, DEPTH in flight
  *   probe direct BYTES                  call cuMemAlloc_v2 by its linked symbol (needs -lcuda)
  *   probe launches N                    N `noop` launches; print ns per launch
+ *   probe paced N GAP_NS                N `noop` launches, one per GAP_NS (so a share's bucket never
+ *                                       has to wait); print the mean ns inside the launch call
  *   probe allocs N                      N cuMemAlloc_v2 + cuMemFree_v2 of 1 MiB; ns per pair
  */
 #define _GNU_SOURCE
@@ -314,6 +316,19 @@ int main(int argc, char **argv) {
         double t0 = now_s();
         for (long i = 0; i < n; i++) lk(f, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0);
         printf("ns_per_launch %.1f\n", (now_s() - t0) * 1e9 / n);
+    } else if (!strcmp(cmd, "paced") && argc == 4) {
+        long n = atol(argv[2]);
+        double gap = atof(argv[3]) / 1e9, inside = 0;
+        CUfunction f = kernel("noop");
+        CUresult (*lk)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream, void **, void **) = dlsym(cu, "cuLaunchKernel");
+        for (long i = 0; i < n; i++) {
+            double a = now_s();
+            lk(f, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0);
+            double b = now_s();
+            inside += b - a;
+            while (now_s() < a + gap) {}
+        }
+        printf("ns_per_launch %.1f\n", inside * 1e9 / n);
     } else if (!strcmp(cmd, "allocs") && argc == 3) {
         long n = atol(argv[2]);
         double t0 = now_s();
