@@ -107,3 +107,34 @@ fn per_thread_stream_and_graph_launches_are_throttled_too() {
         );
     }
 }
+
+#[test]
+fn soft_mode_uses_an_idle_card_up_to_its_limit() {
+    let gpu = FakeGpu::new().pid_offset(100_000);
+    let p = Probe::new()
+        .share(30)
+        .soft(90)
+        .fake_state(gpu.state_path())
+        .env("FAKEGPU_PID_OFFSET", "100000")
+        .prepare();
+    let t0 = monotonic_ns();
+    let child = p.spawn(&["busy", "2000", "5", "4"]);
+    let pid = child.id();
+    std::fs::write(
+        p.dir.path().join(gm_limiter_core::hostpids::HOSTPIDS_FILE),
+        gm_limiter_core::hostpids::encode(&[pid + 100_000]),
+    )
+    .expect("publish host pids");
+    let out = Probe::wait(child);
+    assert!(out.get("launched").is_some(), "{out:?}");
+    let late = busy_share(&gpu, pid, t0 + 3_500_000_000, t0 + 5_000_000_000);
+    assert!(
+        late > 45.0,
+        "alone on the card, a 30 % share with a 90 % soft limit used only {late:.1} %"
+    );
+    let target = region_u32(&p, card::TARGET);
+    assert!(
+        target > 300,
+        "the soft target rose above the share: {target} per mille"
+    );
+}

@@ -82,6 +82,16 @@ fn cuda_and_nvml_report_the_cap_and_the_containers_use() {
 }
 
 #[test]
+fn an_nvml_only_process_like_nvidia_smi_sees_the_cap() {
+    let p = Probe::new().cap(2048 * MIB).physical(8192 * MIB);
+    let out = p.run(&["nvml"]);
+    assert_eq!(out.get("init"), Some("0"), "{out:?}");
+    assert_eq!(out.num("nvml_total"), 2048 * MIB, "{out:?}");
+    let bare = p.run_bare(&["nvml"]);
+    assert_eq!(bare.num("nvml_total"), 8192 * MIB, "{bare:?}");
+}
+
+#[test]
 fn a_cap_above_the_physical_memory_reports_the_physical_memory() {
     let p = Probe::new().cap(16384 * MIB).physical(2048 * MIB);
     let out = p.run(&["meminfo"]);

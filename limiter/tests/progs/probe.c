@@ -5,6 +5,7 @@
  * with LD_PRELOAD=libvcuda.so (or without, as the baseline). Prints `key value` lines.
  *
  *   probe idle                          touch no CUDA; print threads and open fds
+ *   probe nvml                          NVML only, no CUDA (like nvidia-smi): memory of device 0
  *   probe uuid                          print the NVML-form UUID of device 0
  *   probe dlsym NAME...                 dlsym each NAME on the driver handle, RTLD_DEFAULT and
  *                                       RTLD_NEXT; print the object each pointer lives in
@@ -264,6 +265,17 @@ int main(int argc, char **argv) {
             printf("%s default %s\n", argv[i], where(dlsym(RTLD_DEFAULT, argv[i])));
             printf("%s next %s\n", argv[i], where(dlsym(RTLD_NEXT, argv[i])));
         }
+        return 0;
+    }
+    if (!strcmp(cmd, "nvml")) {
+        void *h = 0;
+        NvMem m = {0, 0, 0};
+        nv = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+        if (!nv) { printf("error dlopen %s\n", dlerror()); return 2; }
+        printf("init %d\n", ((int (*)(void))dlsym(nv, "nvmlInit_v2"))());
+        ((int (*)(unsigned, void **))dlsym(nv, "nvmlDeviceGetHandleByIndex_v2"))(0, &h);
+        int r = ((int (*)(void *, NvMem *))dlsym(nv, "nvmlDeviceGetMemoryInfo"))(h, &m);
+        printf("nvml_result %d\nnvml_total %llu\nnvml_used %llu\n", r, m.total, m.used);
         return 0;
     }
     if (!strcmp(cmd, "uuid")) {
