@@ -63,8 +63,15 @@ fn hotpath(c: &mut Criterion) {
     g.sample_size(10);
     let paced = |p: &Probe, preload: bool, n: u64| {
         let iters = n.max(1).to_string();
-        let out = if preload { p.run(&["paced", &iters, "5000"]) } else { p.run_bare(&["paced", &iters, "5000"]) };
-        let ns: f64 = out.get("ns_per_launch").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{out:?}"));
+        let out = if preload {
+            p.run(&["paced", &iters, "5000"])
+        } else {
+            p.run_bare(&["paced", &iters, "5000"])
+        };
+        let ns: f64 = out
+            .get("ns_per_launch")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{out:?}"));
         Duration::from_nanos((ns * n.max(1) as f64) as u64)
     };
     g.bench_function("bare", |b| b.iter_custom(|n| paced(&share30, false, n)));
