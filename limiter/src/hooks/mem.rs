@@ -266,17 +266,21 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
     )
 }
 
+/// Free through the real function; on success give back what `key` charged.
+fn freed(r: CUresult, kind: Kind, key: u64) -> CUresult {
+    if r == CUDA_SUCCESS {
+        mem::release(kind, key);
+    }
+    r
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFree(dptr: CUdeviceptr_v1) -> CUresult {
     let Some(f) = real::cuMemFree() else {
         return CUDA_ERROR_NOT_FOUND;
     };
     // SAFETY: forwards the caller's argument unchanged.
-    let r = unsafe { f(dptr) };
-    if r == CUDA_SUCCESS {
-        mem::release(Kind::Ptr, dptr.into());
-    }
-    r
+    freed(unsafe { f(dptr) }, Kind::Ptr, dptr.into())
 }
 
 #[no_mangle]
@@ -285,11 +289,7 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
         return CUDA_ERROR_NOT_FOUND;
     };
     // SAFETY: forwards the caller's argument unchanged.
-    let r = unsafe { f(dptr) };
-    if r == CUDA_SUCCESS {
-        mem::release(Kind::Ptr, dptr);
-    }
-    r
+    freed(unsafe { f(dptr) }, Kind::Ptr, dptr)
 }
 
 #[no_mangle]
@@ -298,11 +298,7 @@ pub unsafe extern "C" fn cuMemFreeAsync(dptr: CUdeviceptr, stream: CUstream) -> 
         return CUDA_ERROR_NOT_FOUND;
     };
     // SAFETY: forwards the caller's arguments unchanged.
-    let r = unsafe { f(dptr, stream) };
-    if r == CUDA_SUCCESS {
-        mem::release(Kind::Ptr, dptr);
-    }
-    r
+    freed(unsafe { f(dptr, stream) }, Kind::Ptr, dptr)
 }
 
 #[no_mangle]
@@ -311,17 +307,91 @@ pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CUdeviceptr, stream: CUstream
         return CUDA_ERROR_NOT_FOUND;
     };
     // SAFETY: forwards the caller's arguments unchanged.
-    let r = unsafe { f(dptr, stream) };
-    if r == CUDA_SUCCESS {
-        mem::release(Kind::Ptr, dptr);
-    }
-    r
+    freed(unsafe { f(dptr, stream) }, Kind::Ptr, dptr)
 }
 
-fn desc<T>(p: *const T) -> Option<&'static T> {
+fn desc<'a, T>(p: *const T) -> Option<&'a T> {
     // SAFETY: the application's descriptor pointer, valid for the duration of the call; we
     // only read it before forwarding.
     unsafe { p.as_ref() }
+}
+
+/// The extents and element of an array descriptor, whatever its ABI.
+trait Extents {
+    /// (width, height, depth, channels, format)
+    fn extents(&self) -> (u64, u64, u64, u32, u32);
+}
+
+impl Extents for CUDA_ARRAY_DESCRIPTOR_v1 {
+    fn extents(&self) -> (u64, u64, u64, u32, u32) {
+        (
+            self.width.into(),
+            self.height.into(),
+            0,
+            self.num_channels,
+            self.format as u32,
+        )
+    }
+}
+
+impl Extents for CUDA_ARRAY_DESCRIPTOR {
+    fn extents(&self) -> (u64, u64, u64, u32, u32) {
+        (
+            self.width as u64,
+            self.height as u64,
+            0,
+            self.num_channels,
+            self.format as u32,
+        )
+    }
+}
+
+impl Extents for CUDA_ARRAY3D_DESCRIPTOR_v1 {
+    fn extents(&self) -> (u64, u64, u64, u32, u32) {
+        (
+            self.width.into(),
+            self.height.into(),
+            self.depth.into(),
+            self.num_channels,
+            self.format as u32,
+        )
+    }
+}
+
+impl Extents for CUDA_ARRAY3D_DESCRIPTOR {
+    fn extents(&self) -> (u64, u64, u64, u32, u32) {
+        (
+            self.width as u64,
+            self.height as u64,
+            self.depth as u64,
+            self.num_channels,
+            self.format as u32,
+        )
+    }
+}
+
+/// Create an array through the real function `f`, charged its bytes.
+fn array<D: Extents>(
+    f: Option<unsafe extern "C" fn(*mut CUarray, *const D) -> CUresult>,
+    arr: *mut CUarray,
+    d: *const D,
+) -> CUresult {
+    let Some(f) = f else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    let Some(dd) = desc(d) else {
+        // SAFETY: forwards unchanged; the driver reports the null descriptor.
+        return unsafe { f(arr, d) };
+    };
+    let (w, h, depth, ch, fmt) = dd.extents();
+    // SAFETY: forwards the caller's arguments unchanged to the real function.
+    alloc(
+        cost::array_bytes(w, h, depth, ch, fmt),
+        None,
+        Kind::Array,
+        || unsafe { f(arr, d) },
+        || out(arr).map(|a| a as u64),
+    )
 }
 
 #[no_mangle]
@@ -329,28 +399,7 @@ pub unsafe extern "C" fn cuArrayCreate(
     arr: *mut CUarray,
     d: *const CUDA_ARRAY_DESCRIPTOR_v1,
 ) -> CUresult {
-    let Some(f) = real::cuArrayCreate() else {
-        return CUDA_ERROR_NOT_FOUND;
-    };
-    let Some(dd) = desc(d) else {
-        // SAFETY: forwards unchanged; the driver reports the null descriptor.
-        return unsafe { f(arr, d) };
-    };
-    let bytes = cost::array_bytes(
-        dd.width.into(),
-        dd.height.into(),
-        0,
-        dd.num_channels,
-        dd.format as u32,
-    );
-    // SAFETY: forwards the caller's arguments unchanged to the real function.
-    alloc(
-        bytes,
-        None,
-        Kind::Array,
-        || unsafe { f(arr, d) },
-        || out(arr).map(|a| a as u64),
-    )
+    array(real::cuArrayCreate(), arr, d)
 }
 
 #[no_mangle]
@@ -358,28 +407,7 @@ pub unsafe extern "C" fn cuArrayCreate_v2(
     arr: *mut CUarray,
     d: *const CUDA_ARRAY_DESCRIPTOR,
 ) -> CUresult {
-    let Some(f) = real::cuArrayCreate_v2() else {
-        return CUDA_ERROR_NOT_FOUND;
-    };
-    let Some(dd) = desc(d) else {
-        // SAFETY: forwards unchanged; the driver reports the null descriptor.
-        return unsafe { f(arr, d) };
-    };
-    let bytes = cost::array_bytes(
-        dd.width as u64,
-        dd.height as u64,
-        0,
-        dd.num_channels,
-        dd.format as u32,
-    );
-    // SAFETY: forwards the caller's arguments unchanged to the real function.
-    alloc(
-        bytes,
-        None,
-        Kind::Array,
-        || unsafe { f(arr, d) },
-        || out(arr).map(|a| a as u64),
-    )
+    array(real::cuArrayCreate_v2(), arr, d)
 }
 
 #[no_mangle]
@@ -387,28 +415,7 @@ pub unsafe extern "C" fn cuArray3DCreate(
     arr: *mut CUarray,
     d: *const CUDA_ARRAY3D_DESCRIPTOR_v1,
 ) -> CUresult {
-    let Some(f) = real::cuArray3DCreate() else {
-        return CUDA_ERROR_NOT_FOUND;
-    };
-    let Some(dd) = desc(d) else {
-        // SAFETY: forwards unchanged; the driver reports the null descriptor.
-        return unsafe { f(arr, d) };
-    };
-    let bytes = cost::array_bytes(
-        dd.width.into(),
-        dd.height.into(),
-        dd.depth.into(),
-        dd.num_channels,
-        dd.format as u32,
-    );
-    // SAFETY: forwards the caller's arguments unchanged to the real function.
-    alloc(
-        bytes,
-        None,
-        Kind::Array,
-        || unsafe { f(arr, d) },
-        || out(arr).map(|a| a as u64),
-    )
+    array(real::cuArray3DCreate(), arr, d)
 }
 
 #[no_mangle]
@@ -416,28 +423,7 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(
     arr: *mut CUarray,
     d: *const CUDA_ARRAY3D_DESCRIPTOR,
 ) -> CUresult {
-    let Some(f) = real::cuArray3DCreate_v2() else {
-        return CUDA_ERROR_NOT_FOUND;
-    };
-    let Some(dd) = desc(d) else {
-        // SAFETY: forwards unchanged; the driver reports the null descriptor.
-        return unsafe { f(arr, d) };
-    };
-    let bytes = cost::array_bytes(
-        dd.width as u64,
-        dd.height as u64,
-        dd.depth as u64,
-        dd.num_channels,
-        dd.format as u32,
-    );
-    // SAFETY: forwards the caller's arguments unchanged to the real function.
-    alloc(
-        bytes,
-        None,
-        Kind::Array,
-        || unsafe { f(arr, d) },
-        || out(arr).map(|a| a as u64),
-    )
+    array(real::cuArray3DCreate_v2(), arr, d)
 }
 
 #[no_mangle]
@@ -446,11 +432,7 @@ pub unsafe extern "C" fn cuArrayDestroy(arr: CUarray) -> CUresult {
         return CUDA_ERROR_NOT_FOUND;
     };
     // SAFETY: forwards the caller's argument unchanged.
-    let r = unsafe { f(arr) };
-    if r == CUDA_SUCCESS {
-        mem::release(Kind::Array, arr as u64);
-    }
-    r
+    freed(unsafe { f(arr) }, Kind::Array, arr as u64)
 }
 
 #[no_mangle]
@@ -490,11 +472,7 @@ pub unsafe extern "C" fn cuMipmappedArrayDestroy(arr: CUmipmappedArray) -> CUres
         return CUDA_ERROR_NOT_FOUND;
     };
     // SAFETY: forwards the caller's argument unchanged.
-    let r = unsafe { f(arr) };
-    if r == CUDA_SUCCESS {
-        mem::release(Kind::Array, arr as u64);
-    }
-    r
+    freed(unsafe { f(arr) }, Kind::Array, arr as u64)
 }
 
 /// VMM physical memory: charged on the card named by `prop->location` when it is a device;
@@ -542,9 +520,5 @@ pub unsafe extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> C
         return CUDA_ERROR_NOT_FOUND;
     };
     // SAFETY: forwards the caller's argument unchanged.
-    let r = unsafe { f(handle) };
-    if r == CUDA_SUCCESS {
-        mem::release(Kind::Handle, handle);
-    }
-    r
+    freed(unsafe { f(handle) }, Kind::Handle, handle)
 }
