@@ -284,6 +284,7 @@ impl SnapshotSource for Shared {
                         .collect();
                     let info = pod.and_then(|p| pods.get(&(p.namespace.clone(), p.name.clone())));
                     ContainerAllocation {
+                        record_id: r.id.clone(),
                         namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
                         pod_name: pod.map(|p| p.name.clone()).unwrap_or_default(),
                         pod_uid: pod.map(|p| p.uid.clone()).unwrap_or_default(),

@@ -96,6 +96,7 @@ fn bench_scrape(c: &mut Criterion) {
             sm_percent: 1 + i % 4,
         });
         allocations.push(ContainerAllocation {
+            record_id: String::new(),
             namespace: format!("team-{}", i % 10),
             pod_name: format!("job-{i}"),
             pod_uid: uid,

@@ -288,27 +288,36 @@ fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
 
-impl NodeReport {
-    /// Join the daemon's snapshot with a usage sample.
-    pub fn build(snapshot: &NodeSnapshot, sample: &UsageSample) -> Self {
-        let inv = &snapshot.inventory;
-        let index_of: HashMap<&str, u32> = inv
-            .cards
-            .iter()
-            .map(|c| (c.uuid.as_str(), c.index))
-            .collect();
-        let allocations = AllocationIndex::new(snapshot);
+/// Who one listed process belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribution<'a> {
+    pub process: &'a ProcessSample,
+    /// The process's card index, when its card is in the inventory.
+    pub card: Option<u32>,
+    /// `(index into snapshot.allocations, card index)`, or why no allocation owns the process.
+    pub owner: Result<(usize, u32), String>,
+}
 
-        // Per (allocation, card) usage, and per-card process counts.
-        let mut used: HashMap<(usize, u32), Usage> = HashMap::new();
-        let mut procs_on: HashMap<u32, (u64, u64)> = HashMap::new();
-        let mut unmapped = Vec::new();
-        if let Ok(list) = &sample.processes {
-            for p in list {
+/// Join a sample's processes with the snapshot's allocations (through the container each PID
+/// was mapped to), in the sample's order. `None` when the backend did not list processes.
+/// Everything that attributes GPU processes to containers uses this one join: the metrics,
+/// `/usage`, and the daemon's `hostpids` files for the in-container limiter.
+pub fn attribute<'a>(
+    snapshot: &NodeSnapshot,
+    sample: &'a UsageSample,
+) -> Option<Vec<Attribution<'a>>> {
+    let list = sample.processes.as_ref().ok()?;
+    let index_of: HashMap<&str, u32> = snapshot
+        .inventory
+        .cards
+        .iter()
+        .map(|c| (c.uuid.as_str(), c.index))
+        .collect();
+    let allocations = AllocationIndex::new(snapshot);
+    Some(
+        list.iter()
+            .map(|p| {
                 let card = index_of.get(p.uuid.as_str()).copied();
-                if let Some(c) = card {
-                    procs_on.entry(c).or_default().0 += 1;
-                }
                 let owner = match (card, sample.lookups.get(&p.pid)) {
                     (None, _) => Err(format!("card {} is not in the inventory", p.uuid)),
                     (Some(c), Some(PidLookup::Found { identity, .. })) => {
@@ -317,21 +326,64 @@ impl NodeReport {
                     (Some(_), Some(PidLookup::NotFound { reason })) => Err(reason.clone()),
                     (Some(_), None) => Err("the PID was not looked up".to_string()),
                 };
-                match owner {
-                    Ok((a, c)) => used.entry((a, c)).or_default().add(p),
-                    Err(reason) => {
-                        if let Some(c) = card {
-                            procs_on.entry(c).or_default().1 += 1;
-                        }
-                        unmapped.push(UnmappedProcess {
-                            gpu: card.map(card_label).unwrap_or_default(),
-                            uuid: p.uuid.clone(),
-                            pid: p.pid,
-                            used_memory_mib: p.used_memory_mib,
-                            sm_percent: p.sm_percent,
-                            reason,
-                        });
+                Attribution {
+                    process: p,
+                    card,
+                    owner,
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The host PIDs each allocation owns, per card: element `i` belongs to
+/// `snapshot.allocations[i]` and maps a card index to its PIDs there (ascending, distinct;
+/// cards without a process of the container are absent). `None` when the backend did not list
+/// processes: the PIDs are then unknown, which is not the same as none.
+pub fn host_pids(
+    snapshot: &NodeSnapshot,
+    sample: &UsageSample,
+) -> Option<Vec<BTreeMap<u32, Vec<u32>>>> {
+    let mut out = vec![BTreeMap::<u32, Vec<u32>>::new(); snapshot.allocations.len()];
+    for a in attribute(snapshot, sample)? {
+        if let Ok((i, card)) = a.owner {
+            out[i].entry(card).or_default().push(a.process.pid);
+        }
+    }
+    for pids in out.iter_mut().flat_map(|m| m.values_mut()) {
+        pids.sort_unstable();
+        pids.dedup();
+    }
+    Some(out)
+}
+
+impl NodeReport {
+    /// Join the daemon's snapshot with a usage sample.
+    pub fn build(snapshot: &NodeSnapshot, sample: &UsageSample) -> Self {
+        let inv = &snapshot.inventory;
+        // Per (allocation, card) usage, and per-card process counts.
+        let mut used: HashMap<(usize, u32), Usage> = HashMap::new();
+        let mut procs_on: HashMap<u32, (u64, u64)> = HashMap::new();
+        let mut unmapped = Vec::new();
+        for a in attribute(snapshot, sample).unwrap_or_default() {
+            let p = a.process;
+            if let Some(c) = a.card {
+                procs_on.entry(c).or_default().0 += 1;
+            }
+            match a.owner {
+                Ok(owner) => used.entry(owner).or_default().add(p),
+                Err(reason) => {
+                    if let Some(c) = a.card {
+                        procs_on.entry(c).or_default().1 += 1;
                     }
+                    unmapped.push(UnmappedProcess {
+                        gpu: a.card.map(card_label).unwrap_or_default(),
+                        uuid: p.uuid.clone(),
+                        pid: p.pid,
+                        used_memory_mib: p.used_memory_mib,
+                        sm_percent: p.sm_percent,
+                        reason,
+                    });
                 }
             }
         }
@@ -511,6 +563,7 @@ mod tests {
 
     fn alloc(pod_uid: &str, name: &str, id: Option<&str>, card: u32) -> ContainerAllocation {
         ContainerAllocation {
+            record_id: String::new(),
             namespace: "ns".into(),
             pod_name: format!("pod-{pod_uid}"),
             pod_uid: pod_uid.into(),
@@ -639,6 +692,32 @@ mod tests {
             c.cards[1].usage.as_ref().map(|u| u.memory_used_mib),
             Some(100)
         );
+    }
+
+    #[test]
+    fn host_pids_are_per_allocation_and_card_and_unknown_when_processes_are_not_listed() {
+        let snap = snapshot(vec![
+            alloc("p1", "a", Some("0a0a0a"), 0),
+            alloc("p2", "b", Some("0b0b0b"), 1),
+        ]);
+        let s = sample(
+            &snap.inventory,
+            &[
+                (9, 0, "p1", "0a0a0a"),
+                (7, 0, "p1", "0a0a0a"),
+                (8, 1, "p2", "0b0b0b"),
+                (5, 1, "p3", "0c0c0c"),
+            ],
+        );
+        let pids = host_pids(&snap, &s).unwrap();
+        assert_eq!(pids[0], BTreeMap::from([(0, vec![7, 9])]));
+        assert_eq!(pids[1], BTreeMap::from([(1, vec![8])]));
+        // The same join as the report: what it attributes, host_pids attributes.
+        let r = NodeReport::build(&snap, &s);
+        assert_eq!(used_by(&r, "a").map(|u| u.pids.clone()), Some(vec![7, 9]));
+        assert_eq!(r.unmapped_processes.len(), 1);
+        let failed = UsageSample::unavailable("NVML did not answer".into());
+        assert_eq!(host_pids(&snap, &failed), None);
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub struct CardAllocation {
 /// One container's allocation, as the daemon knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ContainerAllocation {
+    /// The daemon's record of this allocation (it names the container's limiter directories);
+    /// empty when the allocation does not come from a record (tests, other embedders).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub record_id: String,
     pub namespace: String,
     pub pod_name: String,
     /// Empty until the pod's UID is known (standalone mode may never learn it).

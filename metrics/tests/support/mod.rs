@@ -155,6 +155,7 @@ pub fn allocation(inv: &NodeInventory, w: &Workload) -> ContainerAllocation {
         })
         .collect();
     ContainerAllocation {
+        record_id: String::new(),
         namespace: w.namespace.into(),
         pod_name: w.pod.into(),
         pod_uid: w.pod_uid(),
