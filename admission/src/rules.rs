@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use gm_core::annotations::PodAnnotations;
+use gm_core::annotations::{decode_core_limit, decode_limiter_disabled, PodAnnotations};
 use gm_core::quota::{ClusterCards, PodPins};
 use gm_core::request::{parse_container, GpuRequest, RequestError, RequestErrorKind, Slot};
 use gm_core::resources::{blocks_for_mib, BLOCK_MIB};
@@ -104,7 +104,43 @@ pub fn shape(obj: &PodObject, settings: &Settings, cards: Option<&ClusterCards>)
     if let Some(cards) = cards {
         memory_rule(obj, settings, cards, &shares, &mut out);
     }
+    limiter_rule(obj, settings, &mut out);
     out
+}
+
+/// The limiter annotations of a GPU pod: `vcuda-limiter` is `disabled` or `enabled`, and
+/// `vcuda-core-limit` (soft mode) is an integer from each share's vcuda-core to 100. gpu-manager
+/// would ignore invalid values (limiting in hard mode), so the user hears of them here.
+fn limiter_rule(obj: &PodObject, settings: &Settings, out: &mut Findings) {
+    if !mentions_gpu(&obj.spec, settings) {
+        return;
+    }
+    let keys = &settings.keys;
+    let ann = annotations(&obj.meta);
+    if let Some(v) = ann.get(&keys.limiter) {
+        if let Err(e) = decode_limiter_disabled(&keys.limiter, v) {
+            out.problems.push(e.to_string());
+        }
+    }
+    let Some(v) = ann.get(&keys.core_limit) else {
+        return;
+    };
+    let mut shares = 0;
+    for (slot, c) in containers(&obj.spec) {
+        if let Ok(Some(GpuRequest::Share { cores, .. })) = parse_container(c, &settings.names) {
+            shares += 1;
+            if let Err(e) = decode_core_limit(&keys.core_limit, v, cores) {
+                out.problems
+                    .push(format!("{} {:?}: {e}", who(slot), c.name));
+            }
+        }
+    }
+    if shares == 0 {
+        out.warnings.push(format!(
+            "annotation {}={v:?} has no effect: it sets soft mode for shares (1-99 vcuda-core), and this pod has none",
+            keys.core_limit
+        ));
+    }
 }
 
 fn memory_rule(

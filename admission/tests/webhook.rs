@@ -121,6 +121,33 @@ async fn memory_larger_than_the_largest_card_is_denied_per_model() {
 }
 
 #[tokio::test]
+async fn invalid_limiter_annotations_are_denied_naming_the_value_and_the_rule() {
+    let server = Server::with_cluster(&[], cluster()).await;
+    let mut c = server.client().await;
+    let mut review = fixture("pod_create.json");
+    review["request"]["object"]["metadata"]["annotations"] = json!({
+        "tencent.com/vcuda-core-limit": "80",
+        "tencent.com/vcuda-limiter": "disabled"
+    });
+    assert_allowed(&c.review("/validate", &review).await);
+    review["request"]["object"]["metadata"]["annotations"] = json!({
+        "tencent.com/vcuda-core-limit": "40",
+        "tencent.com/vcuda-limiter": "off"
+    });
+    let resp = c.review("/validate", &review).await;
+    let msg = denial(&resp);
+    assert!(
+        msg.contains("annotation tencent.com/vcuda-limiter=\"off\" is invalid: use \"disabled\""),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("container \"infer\": annotation tencent.com/vcuda-core-limit=\"40\" is invalid: 40 is outside 50 to 100"),
+        "{msg}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn user_setting_a_reserved_annotation_on_create_is_denied() {
     let server = Server::with_cluster(&[], cluster()).await;
     let mut c = server.client().await;
