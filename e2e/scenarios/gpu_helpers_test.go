@@ -7,7 +7,10 @@ package scenarios
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -361,6 +364,9 @@ func verifyGPUState(ctx context.Context, e *harness.Env, nodes []*harness.GPUNod
 			if want := strings.Join(uuids, ","); !hasEnv(*rec, "NVIDIA_VISIBLE_DEVICES", want) {
 				return nil, fmt.Errorf("pod %s on cards %v: container env %v, want NVIDIA_VISIBLE_DEVICES=%s", p.Name, cards, rec.DeviceOptions.Envs, want)
 			}
+			if err := checkLimiter(p, rec, cores, mem, cards); err != nil {
+				return nil, err
+			}
 			out[p.Name] = placement{Pod: p, Node: g.Name, Cards: cards, CoreIDs: h.core, MemIDs: h.mem}
 		}
 	}
@@ -528,4 +534,88 @@ func extenderBinds(ctx context.Context, t *testing.T, r *harness.AdmissionReplic
 	}
 	v, _ := harness.MetricValue(fams, "gpu_admission_extender_decisions_total", map[string]string{"verb": "bind", "outcome": "bound"})
 	return v
+}
+
+// The limiter mounts a share container gets besides /etc/vcuda, with
+// whether each is read-only.
+var limiterMounts = []struct {
+	path     string
+	readOnly bool
+}{
+	{"/usr/local/vcuda/libvcuda.so", true},
+	{"/etc/ld.so.preload", true},
+	{"/run/vcuda", false},
+}
+
+// checkLimiter checks a running GPU container's limiter mounts in the
+// runtime options: every GPU container gets its config directory read-only
+// at /etc/vcuda; a share (1-99 vcuda-core) also gets libvcuda.so and
+// /etc/ld.so.preload read-only and /run/vcuda read-write, a whole-card
+// container none of those. A share's vcuda.cfg (device-plugin/docs/
+// limiter-config.md, "Binary form") must hold its card, cores and memory,
+// and not be marked incomplete.
+func checkLimiter(p *v1.Pod, rec *nodeagentContainer, cores, mem int64, cards []int) error {
+	type mount struct {
+		host     string
+		readOnly bool
+	}
+	mounts := map[string]mount{}
+	for _, m := range rec.DeviceOptions.Mounts {
+		mounts[m.ContainerPath] = mount{m.HostPath, m.ReadOnly}
+	}
+	cfg, ok := mounts["/etc/vcuda"]
+	if !ok || !cfg.readOnly {
+		return fmt.Errorf("pod %s: runtime mounts %+v, want /etc/vcuda read-only", p.Name, rec.DeviceOptions.Mounts)
+	}
+	share := cores < 100
+	for _, want := range limiterMounts {
+		m, has := mounts[want.path]
+		switch {
+		case share && !has:
+			return fmt.Errorf("share pod %s (vcuda-core %d): no %s among the runtime mounts %+v", p.Name, cores, want.path, rec.DeviceOptions.Mounts)
+		case share && m.readOnly != want.readOnly:
+			return fmt.Errorf("share pod %s: %s from %s has read-only=%v, want %v", p.Name, want.path, m.host, m.readOnly, want.readOnly)
+		case !share && has:
+			return fmt.Errorf("whole-card pod %s (vcuda-core %d) got the limiter mount %s from %s", p.Name, cores, want.path, m.host)
+		}
+	}
+	if !share {
+		return nil
+	}
+	preload, err := os.ReadFile(mounts["/etc/ld.so.preload"].host)
+	if err != nil {
+		return fmt.Errorf("share pod %s: %w", p.Name, err)
+	}
+	if string(preload) != "/usr/local/vcuda/libvcuda.so\n" {
+		return fmt.Errorf("share pod %s: ld.so.preload holds %q, want the one line /usr/local/vcuda/libvcuda.so", p.Name, preload)
+	}
+	path := filepath.Join(cfg.host, "vcuda.cfg")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("share pod %s: %w", p.Name, err)
+	}
+	u32 := func(off int) uint32 { return binary.LittleEndian.Uint32(b[off:]) }
+	switch {
+	case len(b) != 4096:
+		return fmt.Errorf("%s is %d bytes, want 4096", path, len(b))
+	case string(b[0:4]) != "GMVC" || u32(4) != 1 || u32(8) != 4096:
+		return fmt.Errorf("%s: magic %q, version %d, size field %d; want GMVC, 1, 4096", path, b[0:4], u32(4), u32(8))
+	case u32(12)&2 != 0:
+		return fmt.Errorf("%s of running pod %s is marked incomplete (flags %#x)", path, p.Name, u32(12))
+	case u32(16) != 1:
+		return fmt.Errorf("%s lists %d cards, a share has 1", path, u32(16))
+	case len(cards) != 1 || int(u32(256)) != cards[0]:
+		return fmt.Errorf("%s names card %d, the pod's annotation %v", path, u32(256), cards)
+	case int64(u32(264)) != cores:
+		return fmt.Errorf("%s gives %d cores, the pod asks for %d", path, u32(264), cores)
+	case binary.LittleEndian.Uint64(b[272:]) != uint64(mem)*256<<20:
+		return fmt.Errorf("%s gives %d bytes of memory, the pod asks for %d blocks of 256 MiB", path, binary.LittleEndian.Uint64(b[272:]), mem)
+	case string(bytes.TrimRight(b[96:160], "\x00")) != p.Namespace:
+		return fmt.Errorf("%s names namespace %q, the pod is in %s", path, bytes.TrimRight(b[96:160], "\x00"), p.Namespace)
+	}
+	// The UID is known when gpu-manager's pod watch had the pod at PreStartContainer.
+	if uid := string(bytes.TrimRight(b[32:96], "\x00")); uid != "" && uid != string(p.UID) {
+		return fmt.Errorf("%s names pod UID %s, pod %s/%s has %s", path, uid, p.Namespace, p.Name, p.UID)
+	}
+	return nil
 }
