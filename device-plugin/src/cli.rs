@@ -123,6 +123,11 @@ pub struct Args {
     )]
     pub limiter_allow_opt_out: bool,
 
+    /// How often the host pids of each share container's GPU processes are published to its
+    /// limiter (<--limiter-state-dir>/<record-id>/hostpids), e.g. 1s, 500ms.
+    #[arg(long, env = "GPU_MANAGER_LIMITER_PIDS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub limiter_pids_interval: Duration,
+
     /// Host directory of the NVIDIA device nodes (/dev/nvidia*).
     #[arg(long, env = "GPU_MANAGER_DEV_ROOT", default_value = "/dev")]
     pub dev_root: PathBuf,
@@ -305,6 +310,7 @@ impl Args {
             limiter_install_dir: self.limiter_install_dir,
             limiter_state_dir: self.limiter_state_dir,
             limiter_allow_opt_out: self.limiter_allow_opt_out,
+            limiter_pids_interval: self.limiter_pids_interval,
             dev_root: self.dev_root,
             names: self.resource_domain,
             policy: self.policy,
@@ -408,6 +414,7 @@ mod tests {
             PathBuf::from("/var/lib/gpu-manager/vcuda-state")
         );
         assert!(s.config.limiter_allow_opt_out);
+        assert_eq!(s.config.limiter_pids_interval, Duration::from_secs(1));
     }
 
     #[test]
@@ -422,9 +429,12 @@ mod tests {
             "--limiter-state-dir",
             "/host/state",
             "--limiter-allow-opt-out=false",
+            "--limiter-pids-interval",
+            "250ms",
         ])
         .unwrap();
         let c = a.into_setup().unwrap().config;
+        assert_eq!(c.limiter_pids_interval, Duration::from_millis(250));
         assert_eq!(c.limiter_library, PathBuf::from("/opt/libvcuda.so"));
         assert_eq!(c.limiter_install_dir, PathBuf::from("/host/lib"));
         assert_eq!(c.limiter_state_dir, PathBuf::from("/host/state"));
@@ -433,6 +443,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--limiter-allow-opt-out"), "{e}");
+        let e = parse(&["--limiter-pids-interval", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--limiter-pids-interval") && e.contains("is zero"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct DaemonConfig {
     pub limiter_state_dir: PathBuf,
     /// Honour the `vcuda-limiter: disabled` pod annotation.
     pub limiter_allow_opt_out: bool,
+    /// How often each share container's `hostpids` file is brought up to date.
+    pub limiter_pids_interval: Duration,
     /// Host directory holding the NVIDIA device nodes.
     pub dev_root: PathBuf,
     /// Resource names (and with them every annotation key's domain).
@@ -80,6 +82,7 @@ impl DaemonConfig {
             limiter_install_dir: root.join("lib"),
             limiter_state_dir: root.join("vcuda-state"),
             limiter_allow_opt_out: true,
+            limiter_pids_interval: Duration::from_secs(1),
             dev_root: root.join("dev"),
             names: ResourceNames::default(),
             policy: Policy::Topology,

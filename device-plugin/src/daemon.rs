@@ -6,9 +6,9 @@
 //!    warning and rebuilt from pod-resources);
 //! 3. reconciles once with pod-resources (bounded wait), so a rebuilt state is complete before
 //!    the kubelet can call;
-//! 4. starts the checkpoint writer, health monitor, re-probe, reconciliation, the API writers
-//!    (with an API server), the health HTTP server, the directory watcher and the two plugins
-//!    (each serves, then registers).
+//! 4. starts the checkpoint writer, health monitor, re-probe, the `hostpids` publisher,
+//!    reconciliation, the API writers (with an API server), the health HTTP server, the
+//!    directory watcher and the two plugins (each serves, then registers).
 //!
 //! [`Daemon::shutdown`] stops the plugins (their sockets are removed), writes a final
 //! checkpoint and stops everything else. Dropping a [`Daemon`] (or [`Daemon::kill`]) aborts
@@ -35,7 +35,7 @@ use crate::response::LimiterDirs;
 use crate::shared::{RestoreOutcome, Shared};
 use crate::state::checkpoint::{self, Data, PersistedRecord};
 use crate::state::{State, StateConfig};
-use crate::{gc, health, publisher, registration};
+use crate::{gc, health, hostpids, publisher, registration};
 
 /// What the daemon talks to besides the kubelet.
 #[derive(Debug, Clone)]
@@ -336,6 +336,10 @@ impl Daemon {
         tasks.push(health::spawn_reprobe(
             Arc::clone(&shared),
             config.health_reprobe_interval,
+        ));
+        tasks.push(hostpids::spawn_publisher(
+            Arc::clone(&shared),
+            config.limiter_pids_interval,
         ));
         tasks.push(gc::spawn_gc(
             Arc::clone(&shared),

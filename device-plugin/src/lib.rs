@@ -13,6 +13,7 @@
 //! | [`state`] | allocation records, the derived ledger, pairing and decisions, the checkpoint |
 //! | [`response`] | `ContainerAllocateResponse` contents and the limiter config file |
 //! | [`limiter`] | the ordered writer of limiter config files |
+//! | [`hostpids`] | publishes each share container's host pids for the limiter's feedback loop |
 //! | [`library`] | installs `libvcuda.so` on the host at a versioned, immutable path |
 //! | [`pods`] | the pod source: API server watch or in-memory |
 //! | [`podresources`] | the kubelet's pod-resources client (rate-limited) |
@@ -30,6 +31,7 @@ pub mod error;
 pub mod fsutil;
 pub mod gc;
 pub mod health;
+pub mod hostpids;
 pub mod library;
 pub mod limiter;
 pub mod plugin;

@@ -24,6 +24,9 @@ enum Job {
     Remove {
         record_id: String,
     },
+    /// Other work on the limiter directories that must be ordered with the writes and
+    /// removals (the `hostpids` files: never written into a directory being removed).
+    Run(Box<dyn FnOnce(&LimiterDirs) + Send>),
 }
 
 /// Handle to the writer thread.
@@ -38,6 +41,7 @@ impl std::fmt::Debug for Job {
         match self {
             Job::Write { config, .. } => write!(f, "Write({})", config.record_id),
             Job::Remove { record_id } => write!(f, "Remove({record_id})"),
+            Job::Run(_) => f.write_str("Run"),
         }
     }
 }
@@ -100,6 +104,19 @@ impl LimiterWriter {
         });
     }
 
+    /// Run `f` on the writer thread, after every job queued before, and wait for its result
+    /// (`None` if the thread stopped first). `f` must be short: Allocate's writes queue behind it.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&LimiterDirs) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (done, wait) = oneshot::channel();
+        self.send(Job::Run(Box::new(move |dirs| {
+            let _ = done.send(f(dirs));
+        })));
+        wait.await.ok()
+    }
+
     fn send(&self, job: Job) {
         if let Err(mpsc::SendError(job)) = self.tx.send(job) {
             // The thread is gone (only at shutdown): do it here.
@@ -141,6 +158,7 @@ fn run(dirs: &LimiterDirs, job: Job) {
                 tracing::warn!(record = %record_id, error = %e, "cannot remove the limiter directory");
             }
         }
+        Job::Run(f) => f(dirs),
     }
 }
 
