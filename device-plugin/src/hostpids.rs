@@ -9,8 +9,9 @@
 //! `<--limiter-state-dir>/<record-id>/hostpids` (`/run/vcuda/hostpids` in the container;
 //! format [`gm_limiter_core::hostpids`]) atomically.
 //!
-//! The files are written on the limiter writer thread, ordered with the config writes and the
-//! removal of released records' directories, so a file is never written into a directory
+//! The files are written on the limiter writer thread (in slices of a few records, so a
+//! `PreStartContainer` write queued meanwhile waits for a few files at most), ordered with the
+//! config writes and the removal of released records' directories, so a file is never written into a directory
 //! being removed and no directory is created for it: a record without a state directory gets
 //! no file. Nothing here runs on the kubelet's request paths.
 
@@ -31,6 +32,8 @@ use crate::shared::Shared;
 /// How long a tick waits for the GPU backend when no metrics server sets
 /// `--usage-sample-timeout-ms` (the metrics server's default).
 const DEFAULT_SAMPLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Records handled per job on the limiter writer thread.
+const WRITES_PER_JOB: usize = 32;
 
 /// The host pids to publish: for every share allocation of the snapshot (a record with one
 /// card and 1–99 vcuda-core on it), its processes' pids on that card, keyed by record ID.
@@ -85,23 +88,35 @@ pub struct HostPidsTracker {
 
 impl HostPidsTracker {
     /// Bring the `hostpids` files under `state_root` (the `--limiter-state-dir`) in line with
-    /// `wanted`: write each record whose set differs from the last one written (or whose file
-    /// is gone or was replaced). A record with no process gets an empty list only if it has a
-    /// file (written before, perhaps by an earlier run of the daemon): a stale list could name
-    /// pids reused by other processes. Records not in `wanted` are forgotten (their
-    /// directories are removed with them). Blocking file I/O.
+    /// `wanted`: [`HostPidsTracker::forget_others`], then [`HostPidsTracker::update`] for all.
+    /// Blocking file I/O.
     pub fn publish(
         &mut self,
         state_root: &Path,
         wanted: &BTreeMap<String, Vec<u32>>,
     ) -> PublishStats {
+        self.forget_others(wanted);
+        self.update(state_root, wanted.iter())
+    }
+
+    /// Forget the records not in `wanted` (released: their directories go with them).
+    pub fn forget_others(&mut self, wanted: &BTreeMap<String, Vec<u32>>) {
         self.written.retain(|id, _| wanted.contains_key(id));
         self.failing.retain(|id| wanted.contains_key(id));
-        let mut stats = PublishStats {
-            shares: wanted.len(),
-            ..PublishStats::default()
-        };
+    }
+
+    /// Write the file of each of these records whose set differs from the last one written (or
+    /// whose file is gone or was replaced). A record with no process gets an empty list only if
+    /// it has a file (written before, perhaps by an earlier run of the daemon): a stale list
+    /// could name pids reused by other processes. Blocking file I/O.
+    pub fn update<'a>(
+        &mut self,
+        state_root: &Path,
+        wanted: impl IntoIterator<Item = (&'a String, &'a Vec<u32>)>,
+    ) -> PublishStats {
+        let mut stats = PublishStats::default();
         for (id, pids) in wanted {
+            stats.shares += 1;
             let mut pids: Vec<u32> = pids.iter().copied().filter(|&p| p != 0).collect();
             pids.sort_unstable();
             pids.dedup();
@@ -200,18 +215,29 @@ pub fn spawn_publisher(shared: Arc<Shared>, every: Duration) -> JoinHandle<()> {
                 tracing::info!("the GPU processes are listed again; publishing hostpids");
                 sample_failing = false;
             }
-            let mut t = std::mem::take(&mut tracker);
-            let done = shared
-                .limiter
-                .run(move |dirs| {
-                    let stats = t.publish(&dirs.state, &wanted);
-                    (t, stats)
-                })
-                .await;
-            let Some((t, stats)) = done else {
-                return; // the writer thread is gone: shutting down
-            };
-            tracker = t;
+            // In slices, so that a PreStartContainer write queued meanwhile waits for a few
+            // files at most, not for every share of the node.
+            tracker.forget_others(&wanted);
+            let entries: Vec<(String, Vec<u32>)> = wanted.into_iter().collect();
+            let mut stats = PublishStats::default();
+            for chunk in entries.chunks(WRITES_PER_JOB) {
+                let chunk = chunk.to_vec();
+                let mut t = std::mem::take(&mut tracker);
+                let done = shared
+                    .limiter
+                    .run(move |dirs| {
+                        let s = t.update(&dirs.state, chunk.iter().map(|(id, p)| (id, p)));
+                        (t, s)
+                    })
+                    .await;
+                let Some((t, s)) = done else {
+                    return; // the writer thread is gone: shutting down
+                };
+                tracker = t;
+                stats.shares += s.shares;
+                stats.written += s.written;
+                stats.failed += s.failed;
+            }
             if stats.written > 0 || stats.failed > 0 {
                 tracing::debug!(
                     shares = stats.shares,

@@ -278,7 +278,7 @@ async fn a_share_containers_gpu_pids_are_published_for_its_limiter_and_a_whole_c
     wait_for_pids(&file, &[4101, 4102]).await;
     // The whole card's container has no state directory, so no file: the share's is the only
     // one (both were published by the same pass).
-    assert_eq!(record_dirs(&state_dir), [share_dir.clone()]);
+    assert_eq!(record_dirs(&state_dir), std::slice::from_ref(&share_dir));
 
     // A process that exits leaves the file; when the last one exits, the list is empty.
     backend.exit(4102);
