@@ -14,7 +14,14 @@ mod support;
 use probe::Probe;
 use support::{monotonic_ns, FakeGpu};
 
-fn case(name: &str, shares: &[u32], kernel_us: u64, seconds: f64, settle: f64) -> Vec<(u32, f64)> {
+fn case(
+    name: &str,
+    shares: &[u32],
+    kernel_us: u64,
+    large: bool,
+    seconds: f64,
+    settle: f64,
+) -> Vec<(u32, f64)> {
     let gpu = FakeGpu::new();
     let tenants: Vec<Probe> = shares
         .iter()
@@ -23,10 +30,12 @@ fn case(name: &str, shares: &[u32], kernel_us: u64, seconds: f64, settle: f64) -
     let t0 = monotonic_ns();
     let secs = seconds.to_string();
     let kus = kernel_us.to_string();
-    let children: Vec<_> = tenants
-        .iter()
-        .map(|t| t.spawn(&["busy", &kus, &secs, "4"]))
-        .collect();
+    let args: Vec<&str> = if large {
+        vec!["busy", &kus, &secs, "1", "large"]
+    } else {
+        vec!["busy", &kus, &secs, "4"]
+    };
+    let children: Vec<_> = tenants.iter().map(|t| t.spawn(&args)).collect();
     let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
     for c in children {
         let out = Probe::wait(c);
@@ -55,17 +64,34 @@ fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let (seconds, settle) = if bench { (12.0, 3.0) } else { (1.5, 0.5) };
     let mut worst: f64 = 0.0;
-    for (name, shares, kernel_us) in [
-        ("alone 30 %, 2 ms kernels", vec![30], 2_000),
-        ("two tenants 30/70, 2 ms kernels", vec![30, 70], 2_000),
+    for (name, shares, kernel_us, large) in [
+        ("alone 30 %, 2 ms kernels", vec![30], 2_000, false),
+        (
+            "alone 30 %, one 200 ms kernel + sync",
+            vec![30],
+            200_000,
+            true,
+        ),
+        (
+            "two tenants 30/70, 2 ms kernels",
+            vec![30, 70],
+            2_000,
+            false,
+        ),
         (
             "three tenants 20/30/50, 2 ms kernels",
             vec![20, 30, 50],
             2_000,
+            false,
         ),
-        ("two tenants 30/70, 200 us kernels", vec![30, 70], 200),
+        (
+            "two tenants 30/70, 200 us kernels",
+            vec![30, 70],
+            200,
+            false,
+        ),
     ] {
-        for (share, got) in case(name, &shares, kernel_us, seconds, settle) {
+        for (share, got) in case(name, &shares, kernel_us, large, seconds, settle) {
             worst = worst.max((got - f64::from(share)).abs());
         }
     }

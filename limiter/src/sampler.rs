@@ -24,6 +24,9 @@ use crate::shm;
 use crate::table::nvml::real;
 
 const TICK_NS: u64 = 100_000_000;
+/// Ticks without any new NVML sample after which the card counts as idle for one sample
+/// (NVML's per-process sampling period is about 1/6 s, so two 100 ms ticks cover one).
+const QUIET_TICKS: u32 = 2;
 /// A sampler whose beat is older than this is replaced.
 const STALE_NS: u64 = 3 * TICK_NS;
 
@@ -92,6 +95,7 @@ fn run() {
     let mut samples = vec![nvmlProcessUtilizationSample_t::default(); 512];
     let mut pids = Vec::new();
     let mut last_seen = 0u64;
+    let (mut quiet_ticks, mut idle_samples) = (0u32, 0u64);
     let mut hostpids_path = active.state_dir.as_bytes().to_vec();
     hostpids_path.push(b'/');
     hostpids_path.extend_from_slice(gm_limiter_core::hostpids::HOSTPIDS_FILE.as_bytes());
@@ -135,9 +139,28 @@ fn run() {
                     last_seen = n;
                 }
             }
-            let known = newest.is_some() && !pids.is_empty();
+            let mut known = newest.is_some() && !pids.is_empty();
+            let mut sample_id = newest;
+            let mut any_sample = newest.is_some();
+            if newest.is_none()
+                && (r == NVML_SUCCESS || r == NVML_ERROR_NOT_FOUND)
+                && !pids.is_empty()
+            {
+                // NVML emits no sample for a period in which no process ran: after a sample
+                // period with nothing new, that period was idle, and the loop must see it
+                // (or lumpy demand would be judged by its busy periods only).
+                quiet_ticks += 1;
+                if quiet_ticks >= QUIET_TICKS {
+                    quiet_ticks = 0;
+                    idle_samples += 1;
+                    (own, total, known, any_sample) = (0, 0, true, true);
+                    sample_id = Some(u64::MAX - idle_samples);
+                }
+            } else {
+                quiet_ticks = 0;
+            }
             let own_pct = if known { own.min(100) as f64 } else { f64::NAN };
-            let total_pct = if newest.is_some() {
+            let total_pct = if any_sample {
                 total.min(100) as f64
             } else {
                 f64::NAN
@@ -163,7 +186,7 @@ fn run() {
             let m = feedback.step(FeedbackInput {
                 target_pct: target,
                 own_pct,
-                sample_id: newest,
+                sample_id,
                 throttled: waited || binding,
                 job_ns,
             });
