@@ -5,6 +5,7 @@ mod support;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::instrument::WithSubscriber;
 
 use gm_device_plugin::shared::RestoreOutcome;
 use gm_device_plugin::Daemon;
@@ -32,6 +33,11 @@ impl Captured {
     }
 }
 
+/// The tests of this file run one at a time: they check what start-up logs, and tracing
+/// caches each log site's interest across the process, so a daemon starting concurrently in
+/// another test (with no subscriber) could make a site skip this test's subscriber.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Start a daemon while capturing what it logs during start-up.
 async fn start_logged(h: &Harness) -> (Daemon, String) {
     let cap = Captured::default();
@@ -40,10 +46,13 @@ async fn start_logged(h: &Harness) -> (Daemon, String) {
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
-    let guard = tracing::subscriber::set_default(subscriber);
     let before = h.kubelet.registrations().len();
-    let d = h.daemon_with(h.config(), false).await;
-    drop(guard);
+    // The subscriber follows the start-up future across the runtime's worker threads (a
+    // thread-local default would miss whatever it logs after an await resumed elsewhere).
+    let d = h
+        .daemon_with(h.config(), false)
+        .with_subscriber(subscriber)
+        .await;
     h.kubelet.wait_registrations(before + 2).await;
     (d, cap.text())
 }
@@ -76,6 +85,7 @@ fn summary(d: &Daemon) -> Vec<(String, Vec<u32>, u32)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_daemon_restarts_with_its_allocations() {
+    let _serial = SERIAL.lock().await;
     let h = Harness::new(example_node(H100)).await;
     let d = h.daemon(false).await;
     let share = ids("vcore", 2, 0..40);
@@ -130,6 +140,7 @@ async fn a_killed_daemon_restarts_with_its_allocations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_checkpoint_is_rebuilt_from_pod_resources_with_a_warning() {
+    let _serial = SERIAL.lock().await;
     let h = Harness::new(example_node(H100)).await;
     let d = h.daemon(false).await;
     let a = ids("vcore", 1, 0..25);
@@ -194,6 +205,7 @@ async fn a_corrupt_checkpoint_is_rebuilt_from_pod_resources_with_a_warning() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_checkpoint_is_reported_and_rebuilt() {
+    let _serial = SERIAL.lock().await;
     let h = Harness::new(example_node(H100)).await;
     h.podres.set(vec![Holding::new(
         "gamma",
@@ -212,6 +224,7 @@ async fn a_missing_checkpoint_is_reported_and_rebuilt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocations_missing_from_the_checkpoint_are_adopted_not_doubled() {
+    let _serial = SERIAL.lock().await;
     let h = Harness::new(example_node(H100)).await;
     let d = h.daemon(false).await;
     let a = ids("vcore", 0, 0..10);
@@ -238,6 +251,7 @@ async fn allocations_missing_from_the_checkpoint_are_adopted_not_doubled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_allocations_are_released_and_their_limiter_directories_removed() {
+    let _serial = SERIAL.lock().await;
     let h = Harness::new(example_node(H100)).await;
     let mut cfg = h.config();
     cfg.gc_interval = Duration::from_millis(100);
