@@ -146,9 +146,10 @@ fn run() {
                 && (r == NVML_SUCCESS || r == NVML_ERROR_NOT_FOUND)
                 && !pids.is_empty()
             {
-                // NVML emits no sample for a period in which no process ran: after a sample
-                // period with nothing new, that period was idle, and the loop must see it
-                // (or lumpy demand would be judged by its busy periods only).
+                // No sample for a period means no process ran in it (the fake NVML answers so,
+                // and NVML documents samples of processes that ran): after a sample period
+                // with nothing new, that period was idle, and the loop must see it (or lumpy
+                // demand would be judged by its busy periods only).
                 quiet_ticks += 1;
                 if quiet_ticks >= QUIET_TICKS {
                     quiet_ticks = 0;
