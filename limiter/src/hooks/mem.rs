@@ -494,20 +494,23 @@ pub unsafe extern "C" fn cuMemCreate(
         // SAFETY: forwards unchanged (host memory or a null prop the driver rejects).
         return unsafe { f(handle, size, prop, flags) };
     };
-    if crate::state::ensure() == crate::state::Mode2::Inert {
-        // SAFETY: forwards unchanged.
-        return unsafe { f(handle, size, prop, flags) };
+    match crate::state::ensure() {
+        crate::state::Mode2::Refusing => return CUDA_ERROR_NOT_INITIALIZED,
+        crate::state::Mode2::Inert => {
+            // SAFETY: forwards unchanged.
+            return unsafe { f(handle, size, prop, flags) };
+        }
+        crate::state::Mode2::Active => {}
     }
-    let card = crate::state::card_of_device(dev);
-    if card.is_none() && crate::state::ensure() == crate::state::Mode2::Active {
+    let Some(card) = crate::state::card_of_device(dev) else {
         // A device outside the container's cards: the driver refuses it itself.
         // SAFETY: forwards unchanged.
         return unsafe { f(handle, size, prop, flags) };
-    }
+    };
     // SAFETY: forwards the caller's arguments unchanged to the real function.
     alloc(
         size as u64,
-        card,
+        Some(card),
         Kind::Handle,
         || unsafe { f(handle, size, prop, flags) },
         || out(handle),

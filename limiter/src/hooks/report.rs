@@ -16,10 +16,22 @@ fn current_cap() -> Option<(usize, u64)> {
 }
 
 /// `(total, free)` as the container should see them, from the physical values.
-pub fn view(card: usize, cap: u64, phys_total: u64, phys_free: u64) -> (u64, u64) {
+/// `(total, used, free)` as the container should see them, from the physical values: the
+/// container's use is read (and dead processes reaped) once per call.
+pub fn view(card: usize, cap: u64, phys_total: u64, phys_free: u64) -> (u64, u64, u64) {
     let total = cap.min(phys_total);
-    let used = shm::reported_used(card);
-    (total, total.saturating_sub(used).min(phys_free))
+    let used = shm::reported_used(card).min(total);
+    (total, used, (total - used).min(phys_free))
+}
+
+/// Rewrite an NVML memory answer `(total, used, free)` for the device's card, if it is one of
+/// the container's (then true).
+fn nvml_view(device: nvmlDevice_t, total: &mut u64, used: &mut u64, free: &mut u64) -> bool {
+    let Some((card, cap)) = nvml_card(device) else {
+        return false;
+    };
+    (*total, *used, *free) = view(card, cap, *total, *free);
+    true
 }
 
 #[no_mangle]
@@ -38,7 +50,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
     if let Some((card, cap)) = current_cap() {
         // SAFETY: both pointers were just written by the driver and are non-null.
         unsafe {
-            let (t, fr) = view(card, cap, *total as u64, *free as u64);
+            let (t, _, fr) = view(card, cap, *total as u64, *free as u64);
             *total = t as usize;
             *free = fr as usize;
         }
@@ -62,7 +74,7 @@ pub unsafe extern "C" fn cuMemGetInfo(free: *mut c_uint, total: *mut c_uint) -> 
     if let Some((card, cap)) = current_cap() {
         // SAFETY: both pointers were just written by the driver and are non-null.
         unsafe {
-            let (t, fr) = view(card, cap, (*total).into(), (*free).into());
+            let (t, _, fr) = view(card, cap, (*total).into(), (*free).into());
             *total = t.min(u64::from(u32::MAX)) as c_uint;
             *free = fr.min(u64::from(u32::MAX)) as c_uint;
         }
@@ -159,14 +171,9 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
     if r != NVML_SUCCESS {
         return r;
     }
-    if let (Some((card, cap)), Some(m)) = (nvml_card(device), {
-        // SAFETY: the real function just filled the caller's struct.
-        unsafe { memory.as_mut() }
-    }) {
-        let (total, free) = view(card, cap, m.total, m.free);
-        m.total = total;
-        m.used = shm::reported_used(card).min(total);
-        m.free = free.min(total - m.used);
+    // SAFETY: the real function just filled the caller's struct.
+    if let Some(m) = unsafe { memory.as_mut() } {
+        let _ = nvml_view(device, &mut m.total, &mut m.used, &mut m.free);
     }
     r
 }
@@ -185,15 +192,11 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     if r != NVML_SUCCESS {
         return r;
     }
-    if let (Some((card, cap)), Some(m)) = (nvml_card(device), {
-        // SAFETY: the real function just filled the caller's struct.
-        unsafe { memory.as_mut() }
-    }) {
-        let (total, free) = view(card, cap, m.total, m.free);
-        m.total = total;
-        m.reserved = 0;
-        m.used = shm::reported_used(card).min(total);
-        m.free = free.min(total - m.used);
+    // SAFETY: the real function just filled the caller's struct.
+    if let Some(m) = unsafe { memory.as_mut() } {
+        if nvml_view(device, &mut m.total, &mut m.used, &mut m.free) {
+            m.reserved = 0;
+        }
     }
     r
 }
