@@ -126,7 +126,9 @@ func TestScenarioE_GPUManagerSIGKILLMidBurstLosesAndDoublesNoAllocation(t *testi
 // outageMessage tells the device manager's rejections for a plugin that is
 // not there (endpoint gone, or its devices unhealthy/unavailable).
 func outageMessage(msg string) bool {
-	for _, s := range []string{"no healthy devices present", "unknown Device Plugin", "devices unavailable", "endpoint", "Unavailable"} {
+	// "client connection is closing" / Canceled: the kubelet's call (e.g. GetPreferredAllocation)
+	// was in flight when gpu-manager was killed.
+	for _, s := range []string{"no healthy devices present", "unknown Device Plugin", "devices unavailable", "endpoint", "Unavailable", "client connection is closing", "code = Canceled"} {
 		if strings.Contains(msg, s) {
 			return true
 		}
